@@ -330,7 +330,7 @@ def add_missing_special_tokens(tokenizer, model) -> int:
     if num_new > 0:
         import torch
 
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set to the plain mean below
         with torch.no_grad():
             for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
                 if emb is None:

@@ -1,0 +1,71 @@
+"""Shared fixtures: repo root on sys.path, offline hub, the paper's files, tiny local models."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PAPER_DIR = os.path.abspath(os.path.join(ROOT, "..", "shared", "paper"))
+
+# A small corpus in Alpaca format: varied lengths, with and without input.
+TINY_RECORDS = [
+    {"instruction": "Reverse the word.", "input": "planet", "output": "tenalp"},
+    {"instruction": "Add the two numbers.", "input": "12 and 30", "output": "42"},
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red is a primary colour."},
+    {"instruction": "Write a short sentence about the sea.", "input": "",
+     "output": "The sea is wide, deep and always moving under the wind."},
+    {"instruction": "Count the letters.", "input": "banana", "output": "6"},
+    {"instruction": "Sort the list.", "input": "3, 1, 2", "output": "1, 2, 3"},
+    {"instruction": "Translate to upper case.", "input": "quiet morning", "output": "QUIET MORNING"},
+    {"instruction": "Give the capital of France.", "input": "", "output": "Paris"},
+    {"instruction": "Convert 3 kilometres to metres.", "input": "", "output": "3000 metres"},
+    {"instruction": "Summarise the text.", "input": "Cats sleep a lot. They also like to play at night.",
+     "output": "Cats sleep often and play at night."},
+    {"instruction": "Repeat the phrase twice.", "input": "go team", "output": "go team go team"},
+    {"instruction": "What is 7 times 8?", "input": "", "output": "56"},
+]
+
+
+@pytest.fixture(scope="session")
+def paper_dir():
+    if not os.path.isdir(PAPER_DIR):
+        pytest.skip(f"the paper's released files are not at {PAPER_DIR} (download them to run this test)")
+    return PAPER_DIR
+
+
+def _make_model(root, arch, hidden_size=32, num_layers=2):
+    from examples.make_tiny_models import corpus, train_bpe_tokenizer, write_tiny_model
+
+    tok_dir = os.path.join(root, f"{arch}-tok")
+    tokenizer = train_bpe_tokenizer(corpus(TINY_RECORDS) * 4, 300, tok_dir, arch=arch)
+    out = os.path.join(root, f"tiny-{arch}")
+    write_tiny_model(out, tokenizer, arch=arch, hidden_size=hidden_size, num_layers=num_layers, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """Folder of a random-initialised 2-layer Llama (hidden 32) with a BPE tokenizer and no pad token."""
+    return _make_model(str(tmp_path_factory.mktemp("models")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory):
+    """Folder of a random-initialised 2-layer OPT (hidden 32) with a BPE tokenizer and no pad token."""
+    return _make_model(str(tmp_path_factory.mktemp("models")), "opt")
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path):
+    """TINY_RECORDS written as the paper's JSON list; returns the path."""
+    import json
+
+    p = tmp_path / "tiny.json"
+    p.write_text(json.dumps(TINY_RECORDS, indent=4))
+    return str(p)
