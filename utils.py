@@ -95,6 +95,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             yield f
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -190,6 +193,11 @@ def load_records(path: str | os.PathLike, allow_chat: bool = False) -> list[dict
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON ({e})") from None
     else:
+        with contextlib.suppress(json.JSONDecodeError):
+            whole = json.loads(text)
+            if isinstance(whole, dict) and not ({"instruction", "messages"} & whole.keys()):
+                keys = ", ".join(list(whole)[:5])
+                raise UserError(f"{path}: expected a JSON list of records (or JSONL), got an object with keys {keys}")
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -254,13 +262,19 @@ def load_pplxs(path: str | os.PathLike) -> np.ndarray:
         raise UserError(f"{path}: expected a list of numbers ({e})") from None
     if arr.ndim != 1:
         raise UserError(f"{path}: expected a flat list of perplexities, got shape {arr.shape}")
+    return validate_pplxs(arr, path)
+
+
+def validate_pplxs(arr: np.ndarray, where: str | os.PathLike) -> np.ndarray:
+    """Raise a UserError naming ``where`` and the first bad record unless every perplexity is
+    finite and > 0 (and there is at least one). Returns ``arr`` unchanged."""
     if arr.size == 0:
-        raise UserError(f"{path}: the perplexity list is empty")
+        raise UserError(f"{where}: the perplexity list is empty")
     bad = ~np.isfinite(arr) | (arr <= 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise UserError(
-            f"{path}: record {i} has perplexity {arr[i]!r} ({int(bad.sum())} invalid values); "
+            f"{where}: record {i} has perplexity {float(arr[i])!r} ({int(bad.sum())} invalid values); "
             "perplexities must be finite and > 0"
         )
     return arr

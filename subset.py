@@ -1,0 +1,473 @@
+"""Step 3b: choose, in every cluster, the records with the lowest Learning Percentage.
+
+(a) The CSV interface that made the published subsets: every split of every chosen kind at once.
+
+    python subset.py --dataset data/alpaca_data.json \\
+        --l1_ranking_file l1-rankings/alpaca-llama2-7b-l1_ranking.csv --lp1 --lp1_approx --clust_rand
+
+  writes data/{33_low,33_mid,33_high,25_low,10_low,5_low,3_low,1_low}_lp1-alpaca-llama2-7b.json, the same
+  for lp1_approx, and data/{33,25,10,5,3,1}_clust_rand-alpaca-llama2-7b.json. The model name is the CSV's
+  last column name minus "_L1". The paper's own CSVs are read as they are (empty columns included).
+
+(b) The later interface: one percentage, straight from the dumps and the clustering pickle.
+
+    python subset.py --dataset data/alpaca_data.json --clustering clustering/alpaca-clustering.pkl \\
+        --epoch0 dump-pplxs/epoch-pre.pkl --epoch1 dump-pplxs/epoch-1.pkl \\
+        --epoch2 dump-pplxs/epoch-2.pkl --epoch3 dump-pplxs/epoch-3.pkl \\
+        --percentage 10 --model_name alpaca-llama2-7b --lp1
+
+Tiny CPU run on the shipped sample (the CSV of process_pickle.py's tiny run; under a second):
+
+    python subset.py --dataset data/sample_train.json --l1_ranking_file l1-rankings/sample-tiny-l1_ranking.csv \\
+        --lp1 --lp1_approx --clust_rand
+    python subset.py --dataset data/sample_train.json --l1_ranking_file l1-rankings/sample-tiny-l1_ranking.csv \\
+        --lp1 --exact --exclude_truncated     # exactly p% per split, fully truncated records left out
+
+The selection rule (the paper's): for each cluster in ascending cluster number, sort its members by
+the metric, ascending, split them into k = round(100/p) contiguous chunks the way numpy.array_split
+does (the first n mod k chunks are one longer) and keep chunk 0 ("low"), 1 ("mid") or 2 ("high").
+k is 3, 4, 10, 20, 33, 100 for p = 33, 25, 10, 5, 3, 1. A subset is the concatenation of the chunks
+over clusters, each chunk in ascending metric order, written as a JSON list of the original records
+(indent 4, json.dumps defaults).
+  Ties: the paper sorted with pandas' default quicksort, which is not stable, so which of several
+  tied records fell inside a chunk depended on numpy's version and the CPU. Here ties are broken by
+  dataset index (a stable sort on (metric, index)): deterministic, and the same on every machine.
+clust_rand: Python's random, seeded with 42 once per run; per cluster, in ascending order, it draws
+random.sample(members sorted by LP(1), size of that split's chunk 0). In (a) the draws for all
+percentages are made per cluster in the order 33, 25, 10, 5, 3, 1 from one stream (how the published
+clust_rand files were made); (b) makes one draw per cluster, like the paper's later subset.py.
+
+Beyond the paper (defaults stay faithful):
+  --exact               the paper's rule keeps ceil(n/k) >= 1 records per cluster, so its "1%" of Alpaca
+                        is 2.0% of the data. --exact keeps round(p% of the dataset) records, allocated
+                        to clusters in proportion to their sizes (largest remainder; ties to the lower
+                        cluster number), each cluster keeping its lowest-scoring members ("mid" keeps
+                        the central ones, "high" the highest). Files get a "-exact" suffix.
+  --exclude_truncated   records with perplexity exactly 1.0 in every dump (fully truncated prompt: no
+                        response token scored) have LP(1) = 0 and are picked as "hardest"; this leaves
+                        them out (files get a "-notrunc" suffix). Their number is always reported.
+Every run prints, per split, the records kept and their share of the dataset; (b) warns when the
+achieved share is far from --percentage (p from 41 to 66 gives k = 2, i.e. 50%; 67 to 100 gives 100%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from utils import (
+    UserError,
+    atomic_write,
+    check_lengths,
+    fmt_share,
+    load_records,
+    lp1,
+    lp1_approx,
+    run_cli,
+    truncated_mask,
+    validate_pplxs,
+)
+
+# The splits of interface (a): percentage -> parts written (chunk 0 "low", 1 "mid", 2 "high").
+# Its key order is also the order of the per-cluster clust_rand draws (33, 25, 10, 5, 3, 1).
+SPLITS = {33: ("low", "mid", "high"), 25: ("low",), 10: ("low",), 5: ("low",), 3: ("low",), 1: ("low",)}
+PARTS = {"low": 0, "mid": 1, "high": 2}
+KINDS = ("lp1", "lp1_approx", "clust_rand")
+CLUST_RAND_SEED = 42  # the paper's random.seed(42), once per run
+FAR_FROM_REQUESTED = 0.10  # warn when the achieved share differs from --percentage by more than 10% of it
+
+
+# ----------------------------------------------------------------------------------------
+# Pure maths
+
+
+def num_chunks(percentage: float) -> int:
+    """k = round(100 / p), the number of chunks a cluster is split into (Python's round: half to even).
+
+    >>> [num_chunks(p) for p in (33, 25, 10, 5, 3, 1)]
+    [3, 4, 10, 20, 33, 100]
+    >>> [num_chunks(p) for p in (41, 66, 67, 100)]   # 41..66 -> 50%, 67..100 -> 100%
+    [2, 2, 1, 1]
+    """
+    if not 0 < percentage <= 100:
+        raise UserError(f"percentage {percentage} is outside 1..100")
+    return max(1, round(100 / percentage))
+
+
+def chunk_bounds(n, k: int, part: int):
+    """(start, length) of chunk ``part`` when n sorted members are cut into k chunks the way
+    numpy.array_split does: the first n mod k chunks hold one more. Works on arrays of n.
+
+    >>> chunk_bounds(10, 3, 0), chunk_bounds(10, 3, 1), chunk_bounds(10, 3, 2)   # sizes 4, 3, 3
+    ((0, 4), (4, 3), (7, 3))
+    >>> chunk_bounds(2, 3, 2), chunk_bounds(1, 100, 0)   # clusters smaller than k
+    ((2, 0), (0, 1))
+    """
+    if not 0 <= part < k:
+        raise UserError(f"chunk {part} does not exist when splitting into {k} chunks")
+    q, r = np.divmod(n, k)
+    start = part * q + np.minimum(part, r)
+    length = q + (part < r)
+    if np.ndim(n) == 0:
+        return int(start), int(length)
+    return start, length
+
+
+def exact_allocation(sizes, budget: int) -> np.ndarray:
+    """Split ``budget`` records across clusters in proportion to their sizes, by largest remainder
+    (ties go to the lower cluster number). Never more than a cluster holds; sums to ``budget``.
+
+    >>> exact_allocation([5, 3, 2], 3).tolist()     # quotas 1.5, 0.9, 0.6
+    [1, 1, 1]
+    >>> exact_allocation([50, 30, 20], 10).tolist()
+    [5, 3, 2]
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    if not 0 <= budget <= total:
+        raise UserError(f"cannot keep {budget} of {total} records")
+    if total == 0:
+        return np.zeros_like(sizes)
+    numer = sizes * budget  # exact integer arithmetic: quota = numer / total
+    base, frac = np.divmod(numer, total)
+    rest = budget - int(base.sum())
+    order = np.argsort(-frac, kind="stable")
+    base[order[:rest]] += 1
+    return base
+
+
+def sort_members(cluster: np.ndarray, metric: np.ndarray, eligible: np.ndarray | None = None):
+    """Group records by cluster (ascending) and sort each cluster by metric, ties by dataset index.
+    Returns (order, starts, sizes): order holds dataset indices; cluster j (the j-th non-empty one)
+    is order[starts[j] : starts[j] + sizes[j]].
+
+    >>> o, s, n = sort_members(np.array([1, 0, 1, 0, 1]), np.array([0.5, 0.2, 0.1, 0.2, 0.5]))
+    >>> o.tolist(), s.tolist(), n.tolist()
+    ([1, 3, 2, 0, 4], [0, 2], [2, 3])
+    """
+    idx = np.arange(len(cluster)) if eligible is None else np.flatnonzero(eligible)
+    order = idx[np.lexsort((idx, metric[idx], cluster[idx]))]  # last key is the primary one
+    if order.size == 0:
+        return order, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    c = cluster[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    sizes = np.diff(np.r_[starts, order.size])
+    return order, starts, sizes
+
+
+def take_chunks(order: np.ndarray, starts: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenate order[starts[j] + offsets[j] : ... + lengths[j]] over clusters j (vectorised).
+
+    >>> take_chunks(np.array([7, 8, 9, 5, 6]), np.array([0, 3]), np.array([1, 0]), np.array([2, 1])).tolist()
+    [8, 9, 5]
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    shift = np.repeat(np.asarray(starts) + np.asarray(offsets) - (ends - lengths), lengths)
+    return order[np.arange(total) + shift]
+
+
+def chunk_geometry(sizes: np.ndarray, percentage: float, part: str, budget: int | None = None):
+    """(offsets, lengths) of the kept chunk in every cluster: the paper's array_split rule, or with
+    ``budget`` the exact allocation (low: lowest members, mid: central, high: highest)."""
+    if budget is None:
+        return chunk_bounds(sizes, num_chunks(percentage), PARTS[part])
+    a = exact_allocation(sizes, budget)
+    offsets = {"low": np.zeros_like(a), "mid": (sizes - a) // 2, "high": sizes - a}[part]
+    return offsets, a
+
+
+def clust_rand_draws(order: np.ndarray, starts: np.ndarray, counts: list[np.ndarray], seed: int = CLUST_RAND_SEED):
+    """The clust_rand baseline: random seeded once; per cluster (ascending), one random.sample of the
+    cluster's LP(1)-sorted members per entry of ``counts`` (counts[t][j] records from cluster j for
+    draw t), in that order. Returns one list of dataset indices per draw, each in draw order."""
+    rng = random.Random(seed)  # same stream as random.seed(seed) + random.sample
+    out: list[list[int]] = [[] for _ in counts]
+    counts_t = np.stack(counts, axis=1).tolist() if counts else []
+    sizes = np.diff(np.r_[starts, order.size]).tolist()
+    for j, (s, n) in enumerate(zip(starts.tolist(), sizes)):
+        members = order[s:s + n].tolist()
+        for t, c in enumerate(counts_t[j]):
+            out[t].extend(rng.sample(members, c))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Output
+
+
+def record_elements(records: list[dict], need) -> np.ndarray:
+    """The text of each needed record as an element of a json.dumps(..., indent=4) list (object array,
+    None where not needed). Records sharing the first record's keys with string values (the usual
+    Alpaca case) are encoded column by column with json's C string encoder; others go through json.dumps.
+
+    >>> record_elements([{"a": "x"}, {"a": 1}], [0, 1]).tolist()
+    ['    {\\n        "a": "x"\\n    }', '    {\\n        "a": 1\\n    }']
+    """
+    enc = json.encoder.encode_basestring_ascii  # what json.dumps uses with ensure_ascii=True
+    out = np.full(len(records), None, dtype=object)
+    need = np.unique(np.asarray(need, dtype=np.int64)).tolist()
+    if not need:
+        return out
+    keys = tuple(records[need[0]])
+    same = [i for i in need if tuple(records[i]) == keys] if keys else []
+    cols = [[records[i][k] for i in same] for k in keys]
+    if same and all(type(k) is str for k in keys) and all(set(map(type, c)) == {str} for c in cols):
+        acc = ["    {\n        " + enc(keys[0]) + ": " + e for e in map(enc, cols[0])]
+        for k, c in zip(keys[1:], cols[1:]):
+            sep = ",\n        " + enc(k) + ": "
+            acc = [a + sep + e for a, e in zip(acc, map(enc, c))]
+        out[same] = [a + "\n    }" for a in acc]
+    for i in need:
+        if out[i] is None:
+            out[i] = json.dumps([records[i]], indent=4)[2:-2]
+    return out
+
+
+def records_json(elements: np.ndarray, indices) -> str:
+    """json.dumps([records[i] for i in indices], indent=4) from record_elements' pieces."""
+    if len(indices) == 0:
+        return "[]"
+    return "[\n" + ",\n".join(elements[np.asarray(indices, dtype=np.int64)].tolist()) + "\n]"
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs of the two interfaces
+
+
+@dataclass
+class Ranking:
+    """What both interfaces select from: per record, its cluster and metrics, in dataset order."""
+
+    cluster: np.ndarray  # int64
+    metrics: dict  # "lp1" / "lp1_approx" -> float64 array
+    truncated: np.ndarray | None  # bool; None when not all four dumps are known
+    model_name: str
+
+
+def read_ranking_csv(path: str, n_records: int, dataset: str) -> Ranking:
+    """Read a ranking CSV in the paper's format (ours or the paper's own, empty columns included).
+    LP(1) is the CSV's {m}_L1 column (what the paper sorted on); LP(1)-approx is recomputed from the
+    P0/P1 columns in float64, as the paper did. Floats read back bit-exactly (tests/test_subset.py)."""
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f))
+    except (StopIteration, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path}: cannot read a CSV header ({e or 'empty file'})") from None
+    last = header[-1] if header else ""
+    if not last.endswith("_L1"):
+        raise UserError(f"{path}: the last column is {last!r}; expected '{{model_name}}_L1' (the paper's ranking CSV)")
+    m = last[: -len("_L1")]
+    need = ["index", "cluster_num", f"{m}_P0", f"{m}_P1", f"{m}_P2", f"{m}_P3", f"{m}_L1"]
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    try:
+        df = pd.read_csv(path, usecols=need, encoding="utf-8")  # pandas >= 3 parses floats round-trip exactly (tested)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable ranking CSV ({e})") from None
+    check_lengths({dataset: n_records, path: len(df)})
+    cols = {}
+    for c in need:
+        try:
+            cols[c] = df[c].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: column {c} holds non-numbers") from None
+    for c in ("index", "cluster_num"):
+        v = cols[c]
+        if not (np.isfinite(v).all() and (v == np.round(v)).all() and (v >= 0).all()):
+            raise UserError(f"{path}: column {c} must hold integers >= 0")
+    index = cols["index"].astype(np.int64)
+    if not np.array_equal(np.sort(index), np.arange(n_records)):
+        raise UserError(f"{path}: the index column is not a permutation of 0..{n_records - 1} (records of {dataset})")
+    p = [np.empty(n_records) for _ in range(4)]
+    for e in range(4):
+        p[e][index] = validate_pplxs(cols[f"{m}_P{e}"], f"{path} column {m}_P{e}")
+    l1 = np.empty(n_records)
+    l1[index] = cols[f"{m}_L1"]
+    if not np.isfinite(l1).all():
+        raise UserError(f"{path}: column {m}_L1 holds NaN or inf")
+    cluster = np.empty(n_records, dtype=np.int64)
+    cluster[index] = cols["cluster_num"].astype(np.int64)
+    ref = lp1(p[0], p[1], p[3])
+    n_off = int((~np.isclose(l1, ref, rtol=1e-9, atol=1e-12)).sum())
+    if n_off:
+        print(f"warning: {path}: {m}_L1 differs from (P0-P1)/(P0-P3) for {n_off} records; selecting on the {m}_L1 column")
+    return Ranking(cluster, {"lp1": l1, "lp1_approx": lp1_approx(p[0], p[1])}, truncated_mask(p), m)
+
+
+def ranking_from_dumps(args, n_records: int) -> Ranking:
+    from process_pickle import EPOCHS, load_inputs
+
+    epochs = {e: getattr(args, e) for e in EPOCHS}
+    _, pp, cluster = load_inputs(args.dataset, epochs, args.clustering)
+    metrics = {"lp1_approx": lp1_approx(pp["epoch0"], pp["epoch1"])}
+    if "epoch3" in pp:
+        metrics["lp1"] = lp1(pp["epoch0"], pp["epoch1"], pp["epoch3"])
+    trunc = truncated_mask([pp[e] for e in EPOCHS]) if len(pp) == 4 else None
+    return Ranking(cluster, metrics, trunc, args.model_name)
+
+
+# ----------------------------------------------------------------------------------------
+# Selection
+
+
+@dataclass
+class Split:
+    kind: str  # lp1, lp1_approx or clust_rand
+    percentage: float
+    part: str = "low"
+
+    def filename(self, model: str, suffix: str = "") -> str:
+        p = f"{self.percentage:g}"
+        if self.kind == "clust_rand":
+            return f"{p}_clust_rand-{model}{suffix}.json"
+        return f"{p}_{self.part}_{self.kind}-{model}{suffix}.json"
+
+
+def select(ranking: Ranking, splits: list[Split], exact: bool, exclude_truncated: bool, n_records: int,
+           interface_a: bool) -> list[np.ndarray]:
+    """Dataset indices of every split, in output order."""
+    eligible = None
+    if exclude_truncated and ranking.truncated is not None:
+        eligible = ~ranking.truncated
+    n_eligible = n_records if eligible is None else int(eligible.sum())
+    sorted_by = {}
+    for kind in {("lp1" if s.kind == "clust_rand" else s.kind) for s in splits}:
+        sorted_by[kind] = sort_members(ranking.cluster, ranking.metrics[kind], eligible)
+    result: list = [None] * len(splits)
+
+    def budget(p):
+        return min(round(p / 100 * n_records), n_eligible) if exact else None
+
+    for t, s in enumerate(splits):
+        if s.kind != "clust_rand":
+            order, starts, sizes = sorted_by[s.kind]
+            off, length = chunk_geometry(sizes, s.percentage, s.part, budget(s.percentage))
+            result[t] = take_chunks(order, starts, off, length)
+    rand = [t for t, s in enumerate(splits) if s.kind == "clust_rand"]
+    if rand:
+        order, starts, sizes = sorted_by["lp1"]
+        counts = [chunk_geometry(sizes, splits[t].percentage, "low", budget(splits[t].percentage))[1] for t in rand]
+        if interface_a:  # one stream, per cluster the draws for 33, 25, 10, 5, 3, 1 (the published files)
+            draws = clust_rand_draws(order, starts, counts)
+        else:  # later interface: one draw per cluster per run
+            draws = [clust_rand_draws(order, starts, [c])[0] for c in counts]
+        for t, d in zip(rand, draws):
+            result[t] = np.asarray(d, dtype=np.int64)
+    return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="the dataset the perplexities were dumped for (JSON list or JSONL, .gz ok)")
+    a = p.add_argument_group("(a) the CSV interface: every split at once")
+    a.add_argument("--l1_ranking_file", help="ranking CSV from process_pickle.py (or the paper's own)")
+    b = p.add_argument_group("(b) the dumps interface: one percentage")
+    b.add_argument("--clustering", help="clustering pickle from clustering.py")
+    b.add_argument("--epoch0", help="perplexities before training (P0), e.g. dump-pplxs/epoch-pre.pkl")
+    b.add_argument("--epoch1", help="perplexities after epoch 1 (P1)")
+    b.add_argument("--epoch2", help="perplexities after epoch 2 (P2); optional, used to spot fully truncated records")
+    b.add_argument("--epoch3", help="perplexities after epoch 3 (P3); needed for --lp1 and --clust_rand")
+    b.add_argument("--percentage", type=float, help="p in 1..100: keep chunk --part of k = round(100/p) per cluster")
+    b.add_argument("--part", choices=tuple(PARTS), default="low",
+                   help="which chunk to keep: low (default, lowest LP), mid or high (need k >= 2 / 3)")
+    b.add_argument("--model_name", default="model", help="names the output files (paper default: model)")
+    k = p.add_argument_group("kinds (choose at least one)")
+    k.add_argument("--lp1", action=argparse.BooleanOptionalAction, default=False, help="subsets by LP(1) = (P0-P1)/(P0-P3)")
+    k.add_argument("--lp1_approx", action=argparse.BooleanOptionalAction, default=False, help="subsets by LP(1)-approx = (P0-P1)/P0")
+    k.add_argument("--clust_rand", action=argparse.BooleanOptionalAction, default=False,
+                   help="baseline: per cluster, a random sample of the same size (random seeded 42)")
+    o = p.add_argument_group("options")
+    o.add_argument("--output_dir", default="data", help="folder of the subsets (default ./data)")
+    o.add_argument("--exact", action="store_true",
+                   help="keep exactly p%% of the dataset, allocated to clusters by size (largest remainder); files get '-exact'")
+    o.add_argument("--exclude_truncated", action="store_true",
+                   help="leave out records with perplexity 1.0 in every dump (fully truncated); files get '-notrunc'")
+    args = p.parse_args(argv)
+    if not (args.lp1 or args.lp1_approx or args.clust_rand):
+        p.error("choose at least one kind: --lp1, --lp1_approx and/or --clust_rand")
+    if args.l1_ranking_file:
+        extra = [f"--{n}" for n in ("clustering", "epoch0", "epoch1", "epoch2", "epoch3", "percentage")
+                 if getattr(args, n) is not None]
+        if extra:
+            p.error(f"--l1_ranking_file (interface a) writes every split; it does not take {', '.join(extra)}")
+    else:
+        missing = [f"--{n}" for n in ("clustering", "epoch0", "epoch1", "percentage") if getattr(args, n) is None]
+        if (args.lp1 or args.clust_rand) and args.epoch3 is None:
+            missing.append("--epoch3")
+        if missing:
+            p.error(f"give --l1_ranking_file (interface a), or {', '.join(missing)} (interface b)")
+        if not 1 <= args.percentage <= 100:
+            p.error(f"--percentage must be between 1 and 100, got {args.percentage:g}")
+        k_ = num_chunks(args.percentage)
+        if PARTS[args.part] >= k_ and not args.exact:
+            p.error(f"--part {args.part} needs at least {PARTS[args.part] + 1} chunks; --percentage {args.percentage:g} gives {k_}")
+    if not args.model_name or any(c in args.model_name for c in "/\\\n"):
+        p.error("--model_name must be non-empty and contain no '/', '\\' or newline")
+    return args
+
+
+def main(args) -> dict:
+    """Returns {output path: dataset indices}."""
+    if not isinstance(args, argparse.Namespace):
+        args = parse_args(args)
+    records = load_records(args.dataset)
+    n = len(records)
+    interface_a = bool(args.l1_ranking_file)
+    if interface_a:
+        ranking = read_ranking_csv(args.l1_ranking_file, n, args.dataset)
+        splits = []
+        for kind in ("lp1", "lp1_approx"):
+            if getattr(args, kind):
+                splits += [Split(kind, p, part) for p, parts in SPLITS.items() for part in parts]
+        if args.clust_rand:
+            splits += [Split("clust_rand", p) for p in SPLITS]
+    else:
+        ranking = ranking_from_dumps(args, n)
+        splits = [Split(kind, args.percentage, args.part) for kind in KINDS if getattr(args, kind)]
+    model = ranking.model_name
+    if ranking.truncated is not None:
+        n_trunc = int(ranking.truncated.sum())
+        what = "left out (--exclude_truncated)" if args.exclude_truncated else "kept; --exclude_truncated leaves them out"
+        print(f"fully truncated records (perplexity 1.0 in every dump, LP(1) = 0): {fmt_share(n_trunc, n)}, {what}")
+    elif args.exclude_truncated:
+        raise UserError("--exclude_truncated needs all four dumps (--epoch0 .. --epoch3)")
+    print(f"{n} records in {len(np.unique(ranking.cluster))} clusters; model name {model!r}")
+    chosen = select(ranking, splits, args.exact, args.exclude_truncated, n, interface_a)
+    suffix = ("-exact" if args.exact else "") + ("-notrunc" if args.exclude_truncated else "")
+    elements = record_elements(records, np.concatenate(chosen) if chosen else [])
+    texts = [(os.path.join(args.output_dir, s.filename(model, suffix)), records_json(elements, idx))
+             for s, idx in zip(splits, chosen)]  # everything is built before anything is written
+    out = {}
+    for (path, text), s, idx in zip(texts, splits, chosen):
+        try:
+            with atomic_write(path) as f:
+                f.write(text)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e}") from None
+        out[path] = idx
+        print(f"Generated {path}: {fmt_share(len(idx), n)}")
+        if not interface_a:
+            share = 100.0 * len(idx) / n
+            if abs(share - s.percentage) > FAR_FROM_REQUESTED * s.percentage:
+                hint = "" if args.exact else f" (k = round(100/{s.percentage:g}) = {num_chunks(s.percentage)} chunks per cluster; --exact keeps {s.percentage:g}%)"
+                print(f"warning: {path} holds {share:.1f}% of the dataset, far from the requested {s.percentage:g}%{hint}")
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(run_cli(main))

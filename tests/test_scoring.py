@@ -1,0 +1,163 @@
+"""The perplexity scoring engine of dump_pplxs.py (no training, no train.py needed): exactness
+against an independent per-record reference loop, invariances, the pure maths."""
+
+import contextlib
+import math
+import random
+
+import pytest
+import torch
+
+from dump_pplxs import (
+    length_sorted_batches,
+    padding_share,
+    per_sample_loss,
+    record_losses,
+    score_pplxs,
+    shard_batches,
+)
+from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
+from tests.conftest import TINY_RECORDS
+from utils import IGNORE_INDEX, SupervisedData, tokenize_records
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_thread_fixture()
+
+
+# ---------------------------------------------------------------- pure maths, hand-computed
+
+
+def test_per_sample_loss_both_denominators_hand_computed():
+    # record 0: scored tokens with losses ln2 (equal logits), 0 (logit gap 200), ln(1+e^-1) (gap 1)
+    # record 1: fully masked
+    v = torch.tensor
+    logits = v([[[0.0, 0.0], [0.0, 200.0], [0.0, 1.0], [5.0, 5.0]],
+                [[1.0, 2.0], [3.0, 4.0], [0.0, 0.0], [0.0, 0.0]]])
+    labels = v([[IGNORE_INDEX, 0, 1, 1], [IGNORE_INDEX] * 4])
+    l1 = math.log(1 + math.exp(-1))
+    nonzero = per_sample_loss(logits, labels, "nonzero")
+    mean = per_sample_loss(logits, labels, "mean")
+    assert nonzero[0].item() == pytest.approx((math.log(2) + l1) / 2, rel=1e-6)
+    assert mean[0].item() == pytest.approx((math.log(2) + l1) / 3, rel=1e-6)
+    assert nonzero[1].item() == 0.0 and mean[1].item() == 0.0  # fully truncated -> perplexity exp(0) = 1.0
+
+
+def test_record_losses_counts_per_row():
+    tl = torch.tensor([1.0, 0.0, 3.0, 0.0])
+    row = torch.tensor([0, 0, 2, 2])
+    assert record_losses(tl, row, 3, "nonzero").tolist() == [1.0, 0.0, 3.0]
+    assert record_losses(tl, row, 3, "mean").tolist() == [0.5, 0.0, 1.5]
+    with pytest.raises(ValueError):
+        record_losses(tl, row, 3, "median")
+
+
+def test_length_sorted_batches_budget_and_cover():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 120) for _ in range(300)]
+    batches = length_sorted_batches(lengths, 500)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(300))  # every record exactly once
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 500 or len(b) == 1
+        assert lengths[b[0]] == max(lengths[i] for i in b)
+    processed, real = padding_share(lengths, batches)
+    assert real == sum(lengths) and 1 - real / processed < 0.05
+    assert length_sorted_batches([600, 10], 500) == [[0], [1]]  # too long for the budget: alone
+
+
+def test_shard_batches_cover_and_lockstep():
+    for n in range(0, 9):
+        for ws in (1, 2, 3):
+            shards = [shard_batches(n, r, ws) for r in range(ws)]
+            assert sorted(b for s in shards for b in s) == list(range(n))
+            locked = [shard_batches(n, r, ws, lockstep=True) for r in range(ws)]
+            assert len({len(s) for s in locked}) == 1  # same number of forward calls on every rank
+            assert [[b for b in s if b is not None] for s in locked] == shards
+
+
+# ---------------------------------------------------------------- engine vs reference
+
+
+def _data(tok, records=TINY_RECORDS, max_len=256):
+    return SupervisedData(*tokenize_records(records, tok, max_len))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_engine_equals_reference_loop(arch, request):
+    model, tok = load(request.getfixturevalue(f"tiny_{arch}"))
+    data = _data(tok)
+    for den in ("nonzero", "mean"):
+        ref = reference_pplxs(model, data.input_ids, data.labels, den)
+        for mode in ("scored", "all"):
+            got, stats = score_pplxs(model, data, tok.pad_token_id, max_tokens=300, denominator=den,
+                                     logits=mode, progress=False)
+            assert stats.logits == mode and stats.n_batches > 1
+            assert max_rel_diff(got, ref) < 1e-5, (arch, den, mode)
+    assert all(p > 1.5 for p in ref)  # a random model: real perplexities, not the truncation value
+
+
+def test_invariance_budget_order_and_train_mode_restored(tiny_llama):
+    model, tok = load(tiny_llama)
+    records = TINY_RECORDS * 3
+    data = _data(tok, records)
+    base, _ = score_pplxs(model, data, tok.pad_token_id, max_tokens=1, progress=False)  # one record per batch
+    model.train()
+    for budget in (64, 500, 100000):
+        got, stats = score_pplxs(model, data, tok.pad_token_id, max_tokens=budget, progress=False)
+        assert max_rel_diff(got, base) < 1e-5, budget
+        assert model.training  # train mode restored after scoring
+    perm = list(range(len(records)))
+    random.Random(1).shuffle(perm)
+    shuffled = _data(tok, [records[i] for i in perm])
+    got, _ = score_pplxs(model, shuffled, tok.pad_token_id, max_tokens=500, progress=False)
+    assert max_rel_diff(got, [base[i] for i in perm]) < 1e-5
+
+
+def test_fully_truncated_record_gets_one(tiny_llama):
+    model, tok = load(tiny_llama)
+    long_prompt = {"instruction": "word " * 200, "input": "", "output": "answer"}
+    data = _data(tok, [TINY_RECORDS[0], long_prompt, TINY_RECORDS[1]], max_len=200)
+    assert all(t == IGNORE_INDEX for t in data.labels[1]) and data.n_fully_truncated == 1
+    got, stats = score_pplxs(model, data, tok.pad_token_id, max_tokens=200, progress=False)
+    assert got[1] == 1.0 and stats.n_fully_truncated == 1
+    ref = reference_pplxs(model, data.input_ids, data.labels)
+    assert max_rel_diff(got, ref) < 1e-5
+
+
+def test_sharded_scoring_two_ranks_equals_one_and_lockstep(tiny_llama):
+    """Two ranks scored one after the other (the gather is simulated; tests/test_distributed.py runs
+    real gloo processes): the gathered result equals one process, and with lockstep (FSDP) both
+    ranks make the same number of forward calls although their shares differ."""
+    model, tok = load(tiny_llama)
+    data = _data(tok, TINY_RECORDS * 2)
+    one, _ = score_pplxs(model, data, tok.pad_token_id, max_tokens=700, progress=False)
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    shares, stats = {}, {}
+
+    class _Stop(Exception):
+        pass
+
+    def gather(rank):
+        def g(local, world_size):
+            shares[rank] = local
+            if rank == 1:
+                raise _Stop  # rank 1 ran all its forward calls; its share is kept for rank 0
+            return [shares[r] for r in range(world_size)]
+        return g
+
+    counts = {}
+    for rank in (1, 0):  # rank 1 first, so rank 0's gather sees both shares
+        n0 = len(calls)
+        with contextlib.suppress(_Stop):
+            got, stats[rank] = score_pplxs(model, data, tok.pad_token_id, max_tokens=700, rank=rank,
+                                           world_size=2, lockstep=True, progress=False, gather=gather(rank))
+        counts[rank] = len(calls) - n0
+    hook.remove()
+    assert [len(shares[0]), len(shares[1])] == [3, 2]  # 5 batches: unequal shares...
+    assert counts[0] == counts[1] == 3  # ...but the same number of forward calls (one dummy on rank 1)
+    assert max_rel_diff(got, one) < 1e-5
+    with pytest.raises(RuntimeError, match="not initialised"):
+        score_pplxs(model, data, tok.pad_token_id, rank=0, world_size=2, progress=False)

@@ -1,0 +1,366 @@
+"""subset.py: the chunk rule, exact budgets, clust_rand, both interfaces, the CSV round trip."""
+
+import csv
+import json
+import os
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from _step3_helpers import (
+    SPLIT_LIST,
+    dump_args,
+    make_workspace,
+    read_json,
+    read_text,
+    ref_clust_rand,
+    ref_lp1,
+    ref_lp1_approx,
+    ref_split,
+    write_pickle_plain,
+)
+
+import process_pickle
+import subset
+from utils import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Pure maths against independent references
+
+
+def test_chunk_bounds_matches_numpy_array_split():
+    for k in (1, 2, 3, 4, 10, 20, 33, 100):
+        for n in range(0, 230):
+            parts = np.array_split(np.arange(n), k)
+            for part in range(min(k, 3)):
+                start, length = subset.chunk_bounds(n, k, part)
+                assert (start, length) == ((parts[part][0] if len(parts[part]) else start), len(parts[part]))
+                assert np.array_equal(np.arange(n)[start:start + length], parts[part])
+    # vectorised form gives the same as the scalar one
+    ns = np.arange(0, 300)
+    s, ln = subset.chunk_bounds(ns, 3, 1)
+    assert [(int(a), int(b)) for a, b in zip(s, ln)] == [subset.chunk_bounds(int(n), 3, 1) for n in ns]
+
+
+def test_chunk_bounds_hand_values():
+    assert [subset.chunk_bounds(10, 3, p) for p in range(3)] == [(0, 4), (4, 3), (7, 3)]   # 10 = 4 + 3 + 3
+    assert [subset.chunk_bounds(11, 3, p) for p in range(3)] == [(0, 4), (4, 4), (8, 3)]   # 11 = 4 + 4 + 3
+    assert [subset.chunk_bounds(2, 3, p) for p in range(3)] == [(0, 1), (1, 1), (2, 0)]    # smaller than k
+    assert subset.chunk_bounds(1, 100, 0) == (0, 1)   # every cluster keeps >= 1 record
+    assert subset.chunk_bounds(101, 100, 0) == (0, 2)
+    with pytest.raises(UserError):
+        subset.chunk_bounds(5, 2, 2)
+
+
+def test_num_chunks_table_and_coarse_percentages():
+    assert [subset.num_chunks(p) for p in subset.SPLITS] == [3, 4, 10, 20, 33, 100]
+    assert {subset.num_chunks(p) for p in range(41, 67)} == {2}
+    assert {subset.num_chunks(p) for p in range(67, 101)} == {1}
+    assert subset.num_chunks(34) == 3 and subset.num_chunks(2) == 50
+
+
+def test_exact_allocation_hand_values_and_properties():
+    assert subset.exact_allocation([5, 3, 2], 3).tolist() == [1, 1, 1]      # quotas 1.5, .9, .6
+    assert subset.exact_allocation([50, 30, 20], 10).tolist() == [5, 3, 2]
+    assert subset.exact_allocation([1, 1, 1, 1], 2).tolist() == [1, 1, 0, 0]  # equal remainders: lower cluster first
+    assert subset.exact_allocation([4, 0, 6], 10).tolist() == [4, 0, 6]
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        sizes = rng.integers(0, 40, rng.integers(1, 30))
+        if sizes.sum() == 0:
+            continue
+        b = int(rng.integers(0, sizes.sum() + 1))
+        a = subset.exact_allocation(sizes, b)
+        quota = sizes * b / sizes.sum()
+        assert a.sum() == b and (a <= sizes).all() and (a >= 0).all()
+        assert (np.abs(a - quota) < 1).all()  # largest remainder: floor or ceil of the quota
+    with pytest.raises(UserError):
+        subset.exact_allocation([2, 2], 5)
+
+
+def test_sort_members_breaks_ties_by_dataset_index():
+    cluster = np.array([0, 1, 0, 0, 1, 0])
+    metric = np.array([0.5, 0.1, 0.5, 0.2, 0.1, 0.5])
+    order, starts, sizes = subset.sort_members(cluster, metric)
+    assert order.tolist() == [3, 0, 2, 5, 1, 4] and starts.tolist() == [0, 4] and sizes.tolist() == [4, 2]
+
+
+def test_selection_matches_reference_loop_on_every_split(tmp_path):
+    ws = make_workspace(str(tmp_path), n=400, k=9, ties=True)
+    labels, (p0, p1, _, p3) = ws["labels"], ws["p"]
+    metrics = {"lp1": np.array(ref_lp1(p0, p1, p3)), "lp1_approx": np.array(ref_lp1_approx(p0, p1))}
+    ranking = subset.Ranking(labels, metrics, None, "m")
+    splits = [subset.Split(kind, p, part) for kind in ("lp1", "lp1_approx") for p, part in SPLIT_LIST]
+    got = subset.select(ranking, splits, exact=False, exclude_truncated=False, n_records=len(labels), interface_a=True)
+    for s, idx in zip(splits, got):
+        assert idx.tolist() == ref_split(labels, metrics[s.kind], s.percentage, s.part), s
+
+
+def test_clust_rand_matches_reference_stream(tmp_path):
+    ws = make_workspace(str(tmp_path), n=300, k=6)
+    labels, (p0, p1, _, p3) = ws["labels"], ws["p"]
+    l1 = np.array(ref_lp1(p0, p1, p3))
+    ranking = subset.Ranking(labels, {"lp1": l1}, None, "m")
+    pcts = list(subset.SPLITS)
+    splits = [subset.Split("clust_rand", p) for p in pcts]
+    # (a): one stream, per cluster the six draws in the order 33, 25, 10, 5, 3, 1
+    got = subset.select(ranking, splits, False, False, len(labels), interface_a=True)
+    ref = ref_clust_rand(labels, l1, pcts)
+    for p, idx in zip(pcts, got):
+        assert idx.tolist() == ref[p]
+    # (b): one draw per cluster per run
+    for p in (10, 1):
+        (idx,) = subset.select(ranking, [subset.Split("clust_rand", p)], False, False, len(labels), interface_a=False)
+        assert idx.tolist() == ref_clust_rand(labels, l1, [p])[p]
+    assert ref_clust_rand(labels, l1, [10])[10] != ref[10]  # the two interfaces really differ
+
+
+def test_selection_is_invariant_to_dataset_order_without_ties(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 250
+    labels = rng.integers(0, 8, n)
+    metric = rng.normal(size=n)
+    perm = rng.permutation(n)
+    r1 = subset.Ranking(labels, {"lp1": metric}, None, "m")
+    r2 = subset.Ranking(labels[perm], {"lp1": metric[perm]}, None, "m")
+    for p, part in SPLIT_LIST:
+        a = subset.select(r1, [subset.Split("lp1", p, part)], False, False, n, True)[0]
+        b = subset.select(r2, [subset.Split("lp1", p, part)], False, False, n, True)[0]
+        assert a.tolist() == perm[b].tolist()
+
+
+def test_records_json_equals_json_dumps():
+    recs = [{"instruction": "a{}\"é\n\t\\", "input": "", "output": "x"}, {"instruction": "b", "input": "c", "output": "d"},
+            {"x": 1, "y": [1, 2.5, None]}, {}, {"instruction": "q", "output": "w", "input": ""}, {"k{0}": "v"},
+            {"instruction": "b", "input": "c", "output": 5}, {"instruction": "日本", "input": "\u2028", "output": "🙂"}]
+    for need in (range(len(recs)), [5, 0], [2, 3], [3], [0, 6, 1], [7, 1]):
+        need = list(need)
+        el = subset.record_elements(recs, need)
+        for idx in ([], need, need[::-1] + need):
+            assert subset.records_json(el, idx) == json.dumps([recs[i] for i in idx], indent=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interface (a): the CSV
+
+
+def _run_a(ws, tmp_path, *extra, model="tiny-m"):
+    rk = str(tmp_path / "rk")
+    process_pickle.main(dump_args(ws["paths"], "--model_name", model, "--output_dir", rk))
+    out = str(tmp_path / "out")
+    res = subset.main(["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", os.path.join(rk, f"{model}-l1_ranking.csv"),
+                       "--output_dir", out, *extra])
+    return out, res
+
+
+def test_interface_a_writes_every_split_with_the_papers_names(tmp_path, capsys):
+    ws = make_workspace(str(tmp_path / "in"), n=200, k=5)
+    out, res = _run_a(ws, tmp_path, "--lp1", "--lp1_approx", "--clust_rand")
+    names = [f"{p}_{part}_{kind}-tiny-m.json" for kind in ("lp1", "lp1_approx") for p, part in SPLIT_LIST]
+    names += [f"{p}_clust_rand-tiny-m.json" for p in (33, 25, 10, 5, 3, 1)]
+    assert sorted(os.listdir(out)) == sorted(names)
+    labels, (p0, p1, _, p3) = ws["labels"], ws["p"]
+    l1, la = ref_lp1(p0, p1, p3), ref_lp1_approx(p0, p1)
+    recs = read_json(ws["paths"]["dataset"])
+    for p, part in SPLIT_LIST:
+        for kind, metric in (("lp1", l1), ("lp1_approx", la)):
+            path = os.path.join(out, f"{p}_{part}_{kind}-tiny-m.json")
+            want = [recs[i] for i in ref_split(labels, metric, p, part)]
+            assert read_text(path) == json.dumps(want, indent=4)   # the paper's exact text format
+    cr = ref_clust_rand(labels, np.array(l1), [33, 25, 10, 5, 3, 1])
+    for p, idx in cr.items():
+        assert read_json(os.path.join(out, f"{p}_clust_rand-tiny-m.json")) == [recs[i] for i in idx]
+    text = capsys.readouterr().out
+    n10 = len(ref_split(labels, np.array(l1), 10, "low"))
+    assert f"10_low_lp1-tiny-m.json: {n10} records ({100 * n10 / 200:.1f}% of 200)" in text   # per split: kept + share
+    assert "fully truncated records" in text and "4 records" in text
+
+
+def test_interface_a_reads_the_papers_csv_format(tmp_path):
+    """A CSV exactly as the paper's process_pickle.py wrote it (csv.writer, None for the empty columns, the
+    integer 0 for LP(1) when P0 == P3), with a model name containing dashes and dots."""
+    ws = make_workspace(str(tmp_path / "in"), n=90, k=4)
+    p0, p1, p2, p3 = ws["p"]
+    m = "alpaca-opt-1.3b"
+    path = tmp_path / "paper.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "sample", "len_response", "cluster_num", None, f"{m}_P0", f"{m}_P1", f"{m}_P2", f"{m}_P3", None, f"{m}_L1"])
+        for i, r in enumerate(ws["records"]):
+            l1 = (p0[i] - p1[i]) / (p0[i] - p3[i]) if p0[i] - p3[i] != 0 else 0
+            w.writerow([i, "Instruction: x\nResponse: y, \"z\"", len(r["output"]), int(ws["labels"][i]), None,
+                        float(p0[i]), float(p1[i]), float(p2[i]), float(p3[i]), None, float(l1) if l1 else 0])
+    assert list(pd.read_csv(path).columns)[4] == "Unnamed: 4"
+    out = str(tmp_path / "out")
+    res = subset.main(["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", str(path), "--lp1", "--output_dir", out])
+    assert os.path.join(out, f"10_low_lp1-{m}.json") in res
+    ranking = subset.read_ranking_csv(str(path), 90, "d")
+    assert ranking.model_name == m
+    assert res[os.path.join(out, f"1_low_lp1-{m}.json")].tolist() == ref_split(ws["labels"], ranking.metrics["lp1"], 1, "low")
+
+
+def test_csv_round_trip_keeps_float64_exactly(tmp_path):
+    ws = make_workspace(str(tmp_path / "in"), n=300, k=5, ties=False)
+    p0, p1, p2, p3 = ws["p"]
+    p0[20:25] = [1e-300, 1.0000000000000002, 123456789.123456789, 0.1 + 0.2, 2.2250738585072014e-308]
+    write_pickle_plain(ws["paths"]["epoch0"], p0.tolist())
+    rk = str(tmp_path / "rk")
+    path = process_pickle.main(dump_args(ws["paths"], "--model_name", "m", "--output_dir", rk))
+    r = subset.read_ranking_csv(path, 300, "d")
+    assert np.array_equal(r.metrics["lp1"], subset.lp1(p0, p1, p3))            # bit for bit
+    assert np.array_equal(r.metrics["lp1_approx"], (p0 - p1) / p0)
+    assert np.array_equal(r.cluster, ws["labels"])
+    df = pd.read_csv(path)
+    for e, p in enumerate((p0, p1, p2, p3)):
+        assert df[f"m_P{e}"].dtype == np.float64 and np.array_equal(df[f"m_P{e}"].to_numpy(), p)
+
+
+def test_csv_rows_in_another_order_select_the_same(tmp_path):
+    ws = make_workspace(str(tmp_path / "in"), n=150, k=4)
+    rk = str(tmp_path / "rk")
+    path = process_pickle.main(dump_args(ws["paths"], "--model_name", "m", "--output_dir", rk))
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    shuffled = tmp_path / "shuffled.csv"
+    df.sample(frac=1.0, random_state=0).to_csv(shuffled, index=False)
+    a = subset.main(["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", path, "--lp1", "--clust_rand", "--output_dir", str(tmp_path / "a")])
+    b = subset.main(["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", str(shuffled), "--lp1", "--clust_rand", "--output_dir", str(tmp_path / "b")])
+    assert [v.tolist() for v in a.values()] == [v.tolist() for v in b.values()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Interface (b): the dumps
+
+
+def test_interface_b_equals_interface_a_for_lp_kinds(tmp_path, capsys):
+    ws = make_workspace(str(tmp_path / "in"), n=220, k=6)
+    out_a, res_a = _run_a(ws, tmp_path, "--lp1", "--lp1_approx", model="m")
+    for p in (33, 10, 1):
+        out_b = str(tmp_path / f"b{p}")
+        res_b = subset.main(dump_args(ws["paths"], "--percentage", str(p), "--model_name", "m", "--lp1", "--lp1_approx",
+                                      "--clust_rand", "--output_dir", out_b))
+        assert sorted(os.listdir(out_b)) == sorted([f"{p}_low_lp1-m.json", f"{p}_low_lp1_approx-m.json", f"{p}_clust_rand-m.json"])
+        for kind in ("lp1", "lp1_approx"):
+            name = f"{p}_low_{kind}-m.json"
+            assert read_text(os.path.join(out_b, name)) == read_text(os.path.join(out_a, name))
+        l1 = np.array(ref_lp1(*[ws["p"][i] for i in (0, 1, 3)]))
+        assert res_b[os.path.join(out_b, f"{p}_clust_rand-m.json")].tolist() == ref_clust_rand(ws["labels"], l1, [p])[p]
+    # --part mid / high
+    out = str(tmp_path / "mid")
+    res = subset.main(dump_args(ws["paths"], "--percentage", "33", "--part", "high", "--lp1", "--output_dir", out, "--model_name", "m"))
+    assert read_text(os.path.join(out, "33_high_lp1-m.json")) == read_text(os.path.join(out_a, "33_high_lp1-m.json"))
+    assert len(res) == 1
+
+
+def test_interface_b_lp1_approx_needs_only_two_dumps(tmp_path):
+    ws = make_workspace(str(tmp_path / "in"), n=100, k=4)
+    pth = ws["paths"]
+    res = subset.main(["--dataset", pth["dataset"], "--clustering", pth["clustering"], "--epoch0", pth["epoch0"], "--epoch1",
+                       pth["epoch1"], "--percentage", "10", "--lp1_approx", "--output_dir", str(tmp_path / "o")])
+    (idx,) = res.values()
+    assert idx.tolist() == ref_split(ws["labels"], np.array(ref_lp1_approx(ws["p"][0], ws["p"][1])), 10, "low")
+
+
+def test_coarse_percentage_warns(tmp_path, capsys):
+    ws = make_workspace(str(tmp_path / "in"), n=200, k=3)
+    for p, k_, warned in (("45", 2, True), ("70", 1, True), ("33", 3, False)):
+        subset.main(dump_args(ws["paths"], "--percentage", p, "--lp1", "--output_dir", str(tmp_path / p)))
+        text = capsys.readouterr().out
+        assert ("warning:" in text) == warned, (p, text)
+        if warned:
+            assert f"= {k_} chunks per cluster" in text and "--exact" in text
+    (idx,) = subset.main(dump_args(ws["paths"], "--percentage", "70", "--lp1", "--output_dir", str(tmp_path / "x"))).values()
+    assert len(idx) == 200   # 67..100 -> k = 1 -> everything
+    capsys.readouterr()
+    (idx,) = subset.main(dump_args(ws["paths"], "--percentage", "45", "--lp1", "--exact", "--output_dir", str(tmp_path / "e"))).values()
+    assert len(idx) == 90 and "warning:" not in capsys.readouterr().out   # --exact: 45% of 200
+    assert os.listdir(tmp_path / "e") == ["45_low_lp1-model-exact.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond the paper: --exact, --exclude_truncated
+
+
+def test_exact_hits_the_requested_share(tmp_path, capsys):
+    ws = make_workspace(str(tmp_path / "in"), n=1000, k=40)
+    labels = ws["labels"]
+    l1 = np.array(ref_lp1(*[ws["p"][i] for i in (0, 1, 3)]))
+    out, res = _run_a(ws, tmp_path, "--lp1", "--clust_rand", "--exact", model="m")
+    sizes = np.bincount(labels)
+    for p in (1, 3, 5, 10, 25, 33):
+        idx = res[os.path.join(out, f"{p}_low_lp1-m-exact.json")]
+        assert len(idx) == round(p * 10)  # p% of 1000
+        alloc = subset.exact_allocation(sizes[sizes > 0], round(p * 10))
+        got = np.bincount(labels[idx], minlength=len(sizes))[sizes > 0]
+        assert got.tolist() == alloc.tolist()
+        # each cluster keeps its lowest-LP members (ties by index)
+        want = []
+        for c, a in zip(np.flatnonzero(sizes), alloc):
+            members = sorted(np.flatnonzero(labels == c).tolist(), key=lambda i: (l1[i], i))
+            want += members[:a]
+        assert idx.tolist() == want
+        assert len(res[os.path.join(out, f"{p}_clust_rand-m-exact.json")]) == round(p * 10)
+    high = res[os.path.join(out, "33_high_lp1-m-exact.json")]
+    assert len(high) == 330 and all(l1[i] >= np.median(l1[labels == labels[i]]) for i in high)
+    # the paper's rule overshoots on the same data
+    paper = subset.select(subset.Ranking(labels, {"lp1": l1}, None, "m"), [subset.Split("lp1", 1)], False, False, 1000, True)[0]
+    assert len(paper) > 10
+
+
+def test_exclude_truncated(tmp_path, capsys):
+    ws = make_workspace(str(tmp_path / "in"), n=200, k=4)
+    trunc = set(range(10, 14))
+    out, res = _run_a(ws, tmp_path, "--lp1", "--lp1_approx", "--clust_rand", model="m")
+    text = capsys.readouterr().out
+    assert "fully truncated records (perplexity 1.0 in every dump, LP(1) = 0): 4 records (2.0% of 200)" in text
+    assert trunc & set(res[os.path.join(out, "1_low_lp1-m.json")].tolist())   # chosen as "hardest" by default
+    out2 = str(tmp_path / "nt")
+    res2 = subset.main(dump_args(ws["paths"], "--percentage", "1", "--lp1", "--lp1_approx", "--clust_rand",
+                                 "--exclude_truncated", "--model_name", "m", "--output_dir", out2))
+    assert sorted(os.listdir(out2)) == ["1_clust_rand-m-notrunc.json", "1_low_lp1-m-notrunc.json", "1_low_lp1_approx-m-notrunc.json"]
+    eligible = np.ones(200, bool)
+    eligible[list(trunc)] = False
+    l1 = np.array(ref_lp1(*[ws["p"][i] for i in (0, 1, 3)]))
+    for path, idx in res2.items():
+        assert not trunc & set(idx.tolist())
+        if "clust_rand" in path:
+            assert idx.tolist() == ref_clust_rand(ws["labels"], l1, [1], eligible)[1]
+        elif "_lp1-" in path:
+            assert idx.tolist() == ref_split(ws["labels"], l1, 1, "low", eligible)
+    assert "left out (--exclude_truncated)" in capsys.readouterr().out
+
+
+def test_no_partial_output_when_building_fails(tmp_path, monkeypatch):
+    """Every subset is built in memory before the first file is written: an interruption while building
+    leaves no file at all."""
+    ws = make_workspace(str(tmp_path / "in"), n=100, k=3)
+    rk = str(tmp_path / "rk")
+    process_pickle.main(dump_args(ws["paths"], "--model_name", "m", "--output_dir", rk))
+    real = subset.records_json
+    for fail_at, argv in (
+        (2, dump_args(ws["paths"], "--percentage", "10", "--lp1", "--lp1_approx", "--clust_rand", "--output_dir", str(tmp_path / "b"))),
+        (5, ["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", os.path.join(rk, "m-l1_ranking.csv"), "--lp1",
+             "--output_dir", str(tmp_path / "a")]),
+    ):
+        calls = []
+
+        def boom(el, idx, fail_at=fail_at, calls=calls):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt
+            return real(el, idx)
+
+        monkeypatch.setattr(subset, "records_json", boom)
+        with pytest.raises(KeyboardInterrupt):
+            subset.main(argv)
+        assert len(calls) == fail_at
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_random_module_state_is_not_touched(tmp_path):
+    ws = make_workspace(str(tmp_path / "in"), n=60, k=3)
+    random.seed(123)
+    a = random.random()
+    random.seed(123)
+    subset.main(dump_args(ws["paths"], "--percentage", "10", "--clust_rand", "--output_dir", str(tmp_path / "o")))
+    assert random.random() == a
