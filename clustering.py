@@ -119,14 +119,27 @@ def embed(sentences: list[str], model_path: str, batch_size: int, max_seq_length
     return np.ascontiguousarray(emb, dtype=np.float32)
 
 
-def kmeans_plusplus(x: np.ndarray, k: int, seed: int = 42) -> np.ndarray:
-    """Greedy k-means++ seeding (the initialisation of scikit-learn's KMeans, which the paper used):
-    each new centre is the best of 2 + ln(k) candidates drawn with probability proportional to the squared
-    distance to the nearest centre so far. Returns k rows of ``x`` (float32). Deterministic for a seed."""
+def kmeans_plusplus(x: np.ndarray, k: int, seed: int = 42, n_local_trials: int | None = None,
+                    max_points: int | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding (the initialisation of scikit-learn's KMeans, which the paper used): each new
+    centre is the best of ``n_local_trials`` (default 2 + ln(k), as scikit-learn) candidates drawn with
+    probability proportional to the squared distance to the nearest centre so far. With ``max_points``, the
+    seeding runs on that many rows drawn at random (the Lloyd iterations that follow still use every row).
+    Returns k rows of ``x`` (float32). Deterministic for a seed.
+
+    >>> x = np.array([[0, 0], [0, 1], [10, 0], [10, 1]], dtype=np.float32)
+    >>> c = kmeans_plusplus(x, 2, seed=0)
+    >>> sorted(int(v) for v in c[:, 0])   # one centre in each pair
+    [0, 10]
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n = len(x)
     rng = np.random.default_rng(seed)
-    trials = 2 + int(np.log(k))
+    if max_points is not None and max_points < len(x):
+        if max_points < k:
+            raise ValueError(f"max_points ({max_points}) must be at least k ({k})")
+        x = x[np.sort(rng.choice(len(x), max_points, replace=False))]
+    n = len(x)
+    trials = n_local_trials or 2 + int(np.log(k))
     sq = np.einsum("ij,ij->i", x, x)
     centres = np.empty((k, x.shape[1]), dtype=np.float32)
     first = int(rng.integers(n))
@@ -145,10 +158,14 @@ def kmeans_plusplus(x: np.ndarray, k: int, seed: int = 42) -> np.ndarray:
     return centres
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 42, niter: int = 25, nredo: int = 1, verbose: bool = False,
-           init: str = "kmeans++"):
-    """faiss k-means on the rows of ``x``; every point is used (no sub-sampling). ``init`` is "kmeans++"
-    (greedy k-means++, as scikit-learn; nredo is then 1) or "random" (faiss' own: k random points).
+def kmeans(x: np.ndarray, k: int, seed: int = 42, niter: int = 20, nredo: int = 1, verbose: bool = False,
+           init: str = "kmeans++", init_sample: int = 8, n_local_trials: int = 3):
+    """faiss k-means on the rows of ``x``; every point takes part in the Lloyd iterations (no sub-sampling).
+
+    ``init`` "kmeans++" (default): greedy k-means++ (as scikit-learn's KMeans) on ``init_sample * k`` random
+    rows (0: on all rows, as scikit-learn; slower, no better in bench/bench_kmeans.py) with ``n_local_trials``
+    candidates per centre (0: scikit-learn's 2 + ln(k)); nredo is then 1. ``init`` "random": faiss' own start
+    (k random rows), best of ``nredo`` runs; ~1% higher inertia. Deterministic for a seed.
     Returns (labels int64 [n], centroids float32 [k, d], inertia = sum of squared distances)."""
     import faiss
 
@@ -162,7 +179,8 @@ def kmeans(x: np.ndarray, k: int, seed: int = 42, niter: int = 25, nredo: int = 
         min_points_per_centroid=1,  # no warning for small datasets
     )
     if init == "kmeans++":
-        km.train(x, init_centroids=kmeans_plusplus(x, k, seed))
+        km.train(x, init_centroids=kmeans_plusplus(x, k, seed, n_local_trials=n_local_trials or None,
+                                                   max_points=init_sample * k if init_sample else None))
     elif init == "random":
         km.train(x)
     else:
@@ -183,9 +201,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32, help="texts per embedding batch (sentence-transformers default 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; default: cuda when available")
     p.add_argument("--seed", type=int, default=42, help="k-means seed (paper: 42); same input and seed give the same labels")
-    p.add_argument("--niter", type=int, default=25, help="k-means iterations (faiss default 25)")
+    p.add_argument("--niter", type=int, default=20, help="k-means (Lloyd) iterations over all points (default 20; faiss' own default 25)")
     p.add_argument("--init", choices=("kmeans++", "random"), default="kmeans++",
                    help="k-means start: greedy k-means++ as scikit-learn (default; ~1%% lower inertia) or faiss' random points")
+    p.add_argument("--init_sample", type=int, default=8,
+                   help="k-means++ seeding on this many random points per cluster (default 8, i.e. 8,000 for K=1000); "
+                        "0: on all points, as scikit-learn (slower, no lower inertia)")
+    p.add_argument("--n_local_trials", type=int, default=3,
+                   help="greedy k-means++ candidates per centre (default 3; 0: scikit-learn's 2 + ln K, 8 for K=1000)")
     p.add_argument("--nredo", type=int, default=1, help="restarts with --init random, the best inertia is kept (default 1)")
     p.add_argument("--save_embeddings", action="store_true",
                    help="also write {output_dir}/{output_name}-embeddings.npy (float32, N x 384) to re-cluster later")
@@ -196,6 +219,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_seq_length", "batch_size", "niter", "nredo"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    for name in ("init_sample", "n_local_trials"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0")
+    if args.init_sample == 1:
+        p.error("--init_sample must be 0 (all points) or >= 2 points per cluster")
     return args
 
 
@@ -229,7 +257,7 @@ def main(args) -> list[dict]:
             print(f"wrote {emb_path}")
     t = time.time()
     labels, _, inertia = kmeans(emb, args.num_clusters, seed=args.seed, niter=args.niter, nredo=args.nredo,
-                                 init=args.init)
+                                 init=args.init, init_sample=args.init_sample, n_local_trials=args.n_local_trials)
     sizes = np.bincount(labels, minlength=args.num_clusters)
     print(f"k-means: {args.num_clusters} clusters in {time.time() - t:.1f} s, inertia {inertia:.4f}, "
           f"cluster sizes {sizes.min()}..{sizes.max()} ({int((sizes == 0).sum())} empty)")

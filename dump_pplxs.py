@@ -54,7 +54,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from utils import IGNORE_INDEX, SupervisedData, UserError, run_cli, write_pickle
+from utils import IGNORE_INDEX, SupervisedData, UserError, pad_batch, run_cli, write_pickle
 
 logger = logging.getLogger("dump_pplxs")
 
@@ -224,17 +224,7 @@ class ScoreStats:
 
 
 def _collate(input_ids, labels, idx, pad_token_id, device):
-    import torch
-
-    n = max(len(input_ids[i]) for i in idx)
-    ids = torch.full((len(idx), n), pad_token_id, dtype=torch.long)
-    lab = torch.full((len(idx), n), IGNORE_INDEX, dtype=torch.long)
-    att = torch.zeros((len(idx), n), dtype=torch.long)
-    for j, i in enumerate(idx):
-        k = len(input_ids[i])
-        ids[j, :k] = torch.as_tensor(input_ids[i])
-        lab[j, :k] = torch.as_tensor(labels[i])
-        att[j, :k] = 1
+    ids, lab, att = pad_batch([input_ids[i] for i in idx], [labels[i] for i in idx], pad_token_id)
     return ids.to(device), lab.to(device), att.to(device)
 
 
@@ -470,7 +460,7 @@ def main(args=None, callbacks: Sequence = ()):
         args = parse_args(args)
     model_args, data_args, training_args, dump_args = args
     import train
-    from utils import fmt_share, make_supervised_data
+    from utils import fmt_share
 
     if dump_args.val_data_path is not None and not _same_file(dump_args.val_data_path, data_args.data_path):
         raise UserError(
@@ -483,21 +473,19 @@ def main(args=None, callbacks: Sequence = ()):
         if stale and _rank() == 0:
             logger.warning("%s already holds %s from an earlier run: a fresh run overwrites the dumps it writes",
                            dump_args.dump_dir, ", ".join(stale))
+    dumper = None
 
-    model, tokenizer = train.load_model_and_tokenizer(model_args, training_args)
-    data = make_supervised_data(data_args.data_path, tokenizer, training_args.model_max_length)
-    train.warn_truncated(data, training_args.model_max_length)
-    if data.n_fully_truncated and _rank() == 0:
-        print(f"warning: {fmt_share(data.n_fully_truncated, len(data))} are fully truncated: their perplexity "
-              "is dumped as 1.0 (as in the paper)", file=sys.stderr)
-    cb = _make_callback_class()(data, tokenizer.pad_token_id, dump_args)
-    trainer = train.build_trainer(model, tokenizer, data, training_args, callbacks=(cb, *callbacks))
-    cb.attach(trainer)
-    trainer.train(resume_from_checkpoint=ckpt)
-    trainer.save_state()
-    trainer.save_model(training_args.output_dir)
-    return cb.written
+    def add_dumper(trainer, data, tokenizer):
+        nonlocal dumper
+        if data.n_fully_truncated and _rank() == 0:
+            print(f"warning: {fmt_share(data.n_fully_truncated, len(data))} are fully truncated: their perplexity "
+                  "is dumped as 1.0 (as in the paper)", file=sys.stderr)
+        dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
+        for cb in (dumper, *callbacks):
+            trainer.add_callback(cb)
 
+    train.fit(model_args, data_args, training_args, prepare=add_dumper)
+    return dumper.written
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

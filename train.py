@@ -388,20 +388,27 @@ def warn_truncated(data: SupervisedData, model_max_length: int) -> None:
                 f"{model_max_length} (prompt fills the window); they contribute nothing to training")
 
 
-def main(args=None):
-    if args is None or isinstance(args, (list, tuple)) and (not args or isinstance(args[0], str)):
-        args = parse_args(args)
-    model_args, data_args, training_args = args[:3]
+def fit(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, prepare=None):
+    """The training both scripts share: load, tokenize, train (resuming if asked), save model, tokenizer
+    and trainer_state.json to --output_dir. ``prepare(trainer, data, tokenizer)`` runs just before
+    training (dump_pplxs.py adds its perplexity callback there). Returns the trainer."""
     resume = resolve_resume(training_args)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     data = make_supervised_data(data_args.data_path, tokenizer, training_args.model_max_length)
     warn_truncated(data, training_args.model_max_length)
     trainer = build_trainer(model, tokenizer, data, training_args)
+    if prepare is not None:
+        prepare(trainer, data, tokenizer)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()  # trainer_state.json, world process zero only
     trainer.save_model(training_args.output_dir)  # gathers FSDP shards; writes from the main process only
     return trainer
 
+
+def main(args=None):
+    if args is None or isinstance(args, (list, tuple)) and (not args or isinstance(args[0], str)):
+        args = parse_args(args)
+    return fit(*args[:3])
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -445,27 +445,40 @@ class SupervisedDataset:
         }
 
 
+def pad_batch(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int):
+    """Right-pad a batch of records: input_ids with the pad id, labels with IGNORE_INDEX; the attention
+    mask comes from the true lengths (not from ``input_ids != pad``, which breaks when pad == eos).
+    Returns (input_ids, labels, attention_mask) int64 tensors of shape [batch, longest].
+
+    >>> ids, lab, att = pad_batch([[5, 6, 7], [8]], [[-100, 6, 7], [8]], pad_token_id=0)
+    >>> ids.tolist(), lab.tolist(), att.tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[-100, 6, 7], [8, -100, -100]], [[1, 1, 1], [1, 0, 0]])
+    """
+    import torch
+
+    n = max(len(x) for x in input_ids)
+    b = len(input_ids)
+    ids = torch.full((b, n), pad_token_id, dtype=torch.long)
+    lab = torch.full((b, n), IGNORE_INDEX, dtype=torch.long)
+    att = torch.zeros((b, n), dtype=torch.long)
+    for j, (x, y) in enumerate(zip(input_ids, labels)):
+        k = len(x)
+        ids[j, :k] = torch.as_tensor(x)
+        lab[j, :k] = torch.as_tensor(y)
+        att[j, :k] = 1
+    return ids, lab, att
+
+
 @dataclass
 class DataCollatorForSupervisedDataset:
-    """Right-pads a batch: input_ids with the pad id, labels with IGNORE_INDEX; the attention mask
-    comes from the true lengths (not from ``input_ids != pad``, which breaks when pad == eos)."""
+    """The Trainer's collator: utils.pad_batch over a list of SupervisedDataset items."""
 
     pad_token_id: int
 
     def __call__(self, instances: Sequence[dict]) -> dict:
-        import torch
-
-        n = max(len(x["input_ids"]) for x in instances)
-        b = len(instances)
-        input_ids = torch.full((b, n), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((b, n), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((b, n), dtype=torch.long)
-        for j, x in enumerate(instances):
-            k = len(x["input_ids"])
-            input_ids[j, :k] = torch.as_tensor(x["input_ids"])
-            labels[j, :k] = torch.as_tensor(x["labels"])
-            attention_mask[j, :k] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        ids, lab, att = pad_batch([x["input_ids"] for x in instances], [x["labels"] for x in instances],
+                                  self.pad_token_id)
+        return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
 
 def fmt_share(n: int, total: int) -> str:
