@@ -1,4 +1,4 @@
-"""Step 2: fine-tune the small (selector) model and dump every record's response perplexity
+r"""Step 2: fine-tune the small (selector) model and dump every record's response perplexity
 before training and after every epoch (P0, P1, P2, P3 for 3 epochs).
 
     # tiny CPU run (about 2 minutes on 2 cores: 2000 sample records; the model is made locally first)

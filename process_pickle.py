@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 
 import numpy as np
@@ -107,20 +108,15 @@ def write_ranking_csv(path: str, model_name: str, records, cluster, p0, p1, p2, 
                     map(sample_text, records),
                     (len(r["output"]) for r in records),
                     cluster.tolist(),
-                    _repeat(""),
+                    itertools.repeat(""),
                     p0.tolist(), p1.tolist(), p2.tolist(), p3.tolist(),
-                    _repeat(""),
+                    itertools.repeat(""),
                     l1_cells,
                 )
             )
     except OSError as e:
         raise UserError(f"cannot write {path}: {e}") from None
     return l1
-
-
-def _repeat(x):
-    while True:
-        yield x
 
 
 def plot_lp(path: str, model_name: str, p0, p1, p2, p3, n_traj: int = 300, seed: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""Step 4: fine-tune the large (target) model on the chosen subset with the Hugging Face Trainer.
+r"""Step 4: fine-tune the large (target) model on the chosen subset with the Hugging Face Trainer.
 
     # the paper's command (4 GPUs, FSDP), unchanged: the flags transformers 5 removed are translated
     torchrun --nproc_per_node=4 --master_port=1234 train.py \

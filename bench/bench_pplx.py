@@ -1,4 +1,4 @@
-"""Benchmark: dump_pplxs.py's perplexity scoring vs the paper's loop, same records, same model.
+r"""Benchmark: dump_pplxs.py's perplexity scoring vs the paper's loop, same records, same model.
 
     # the issue's CPU target: 600 Alpaca records, random Llama (hidden 256, 4 layers, BPE vocab 8000)
     python bench/bench_pplx.py --data ../shared/paper/alpaca/data.json.gz

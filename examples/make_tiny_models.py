@@ -1,4 +1,4 @@
-"""Make tiny, random-initialised causal LMs that load like hub models, with no download.
+r"""Make tiny, random-initialised causal LMs that load like hub models, with no download.
 
     # the quickstart's selector (small) and target (larger), tokenizer trained on the sample data
     python examples/make_tiny_models.py --dataset data/sample_train.json --output_dir runs/models
