@@ -11,8 +11,6 @@ from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture
 from tests.conftest import TINY_RECORDS
 from utils import SupervisedData, UserError, load_pplxs, tokenize_records
 
-pytest.importorskip("train", reason="train.py (step 4) is needed by dump_pplxs.py")
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
