@@ -125,3 +125,34 @@ def test_kmeans_plusplus_seeding():
     lab_r, _, in_r = clustering.kmeans(x, 6, seed=1, init="random")
     assert len({(t, c) for t, c in zip(truth.tolist(), lab_pp.tolist())}) == 6
     assert in_pp <= in_r * (1 + 1e-6)
+
+
+def test_kmeans_plusplus_on_a_sample_and_both_distance_paths(monkeypatch):
+    x, truth = _blobs(n_per=50, k=8, d=12, seed=3)
+    full = clustering.kmeans_plusplus(x, 8, seed=5)
+    sub = clustering.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2)
+    assert np.array_equal(sub, clustering.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2))
+    for c in (full, sub):   # centres are data points, one per well-separated blob, even from 40 of 400 points
+        rows = [int(np.flatnonzero((x == r).all(axis=1))[0]) for r in c]
+        assert sorted(truth[rows].tolist()) == list(range(8))
+    # the all-dot-products path and the one-product-per-step path pick the same centres
+    monkeypatch.setattr(clustering, "GRAM_MAX_BYTES", 0)
+    assert np.array_equal(full, clustering.kmeans_plusplus(x, 8, seed=5))
+    assert np.array_equal(sub, clustering.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2))
+    with pytest.raises(ValueError, match="at least k"):
+        clustering.kmeans_plusplus(x, 8, max_points=7)
+    # kmeans: init_sample=0 seeds on all points (= kmeans_plusplus on x), the default on 8 per cluster
+    lab0, _, in0 = clustering.kmeans(x, 8, seed=5, init_sample=0, n_local_trials=0)
+    lab8, _, in8 = clustering.kmeans(x, 8, seed=5)
+    for lab in (lab0, lab8):
+        assert len({(t, c) for t, c in zip(truth.tolist(), lab.tolist())}) == 8
+    assert in8 == pytest.approx(in0, rel=1e-5)
+
+
+def test_init_flags_are_checked(tmp_path):
+    ds, _ = _dataset(tmp_path, 6)
+    for bad in (["--init_sample", "1"], ["--init_sample", "-1"], ["--n_local_trials", "-2"]):
+        with pytest.raises(SystemExit):
+            clustering.parse_args(["--dataset", ds, "--num_clusters", "2", *bad])
+    a = clustering.parse_args(["--dataset", ds, "--num_clusters", "2"])
+    assert (a.niter, a.init_sample, a.n_local_trials) == (10, 8, 3)
