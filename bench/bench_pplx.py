@@ -1,7 +1,7 @@
 r"""Benchmark: dump_pplxs.py's perplexity scoring vs the paper's loop, same records, same model.
 
     # the issue's CPU target: 600 Alpaca records, random Llama (hidden 256, 4 layers, BPE vocab 8000)
-    python bench/bench_pplx.py --data ../shared/paper/alpaca/data.json.gz
+    python bench/bench_pplx.py --data alpaca/data.json.gz   # the paper's released Alpaca data
     # quick smoke run on the sample data
     python bench/bench_pplx.py --data data/sample_train.json --n_records 50 --vocab_size 1000
     # on a GPU: a ~1B random Llama in bf16, GPU-sized token budget

@@ -66,12 +66,11 @@ def paper_process_pickle(d: str, out_csv: str) -> None:
 
     with open(os.path.join(d, "data.json")) as f:
         data = json.load(f)
-    p = []
-    for e in EPOCHS:
-        with open(os.path.join(d, f"epoch-{e}.pkl"), "rb") as f:
-            p.append(pickle.load(f))
-    with open(os.path.join(d, "clustering.pkl"), "rb") as f:
-        clus = pickle.load(f)
+    sys.path.insert(0, ROOT)
+    from utils import safe_load_pickle  # the paper used pickle.load; this project never does
+
+    p = [safe_load_pickle(os.path.join(d, f"epoch-{e}.pkl")) for e in EPOCHS]
+    clus = safe_load_pickle(os.path.join(d, "clustering.pkl"))
     m = MODEL
     with open(out_csv, "w", newline="") as f:
         w = csv.writer(f)
