@@ -18,6 +18,7 @@ Worked example of the Learning Percentage (the paper's Eq. 1, with 3 epochs):
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import json
@@ -413,8 +414,8 @@ class SupervisedData:
     input_ids: list[list[int]]
     labels: list[list[int]]
 
-    @property
-    def n_fully_truncated(self) -> int:
+    @functools.cached_property
+    def n_fully_truncated(self) -> int:  # asked once per dump: counted once
         return sum(1 for lab in self.labels if all(t == IGNORE_INDEX for t in lab))
 
     def __len__(self) -> int:

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from collections import Counter
 
@@ -55,12 +56,6 @@ def corpus_perplexity(pplxs, n_tokens) -> float:
     if den == 0:
         raise ValueError("no scored token in the split")
     return math.exp(num / den)
-
-
-def median(xs) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return float(s[n // 2]) if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def composition(metas: list[dict]) -> dict:
@@ -259,7 +254,7 @@ def main(args=None):
             "name": name, "model_dir": model_dir, "data": data,
             "records": len(load_records(data)) if data else None,
             "seconds": None if sec == "-" else float(sec), "train_runtime": train_runtime(model_dir),
-            "heldout_ppl": corpus_perplexity(pplxs, n_tokens), "median_ppl": median(pplxs),
+            "heldout_ppl": corpus_perplexity(pplxs, n_tokens), "median_ppl": statistics.median(pplxs),
             "pplxs": pplxs, "n_tokens": n_tokens,
         })
 
