@@ -443,10 +443,6 @@ def parse_args(argv=None):
     return model_args, data_args, training_args, dump_args
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def _same_file(a: str, b: str) -> bool:
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
@@ -470,16 +466,16 @@ def main(args=None, callbacks: Sequence = ()):
     ckpt = train.resolve_resume(training_args)  # a checkpoint folder, or "last" in --output_dir
     if ckpt is None and os.path.isdir(dump_args.dump_dir):
         stale = sorted(f for f in os.listdir(dump_args.dump_dir) if f.startswith("epoch-") and f.endswith(".pkl"))
-        if stale and _rank() == 0:
+        if stale and train.is_main_rank():
             logger.warning("%s already holds %s from an earlier run: a fresh run overwrites the dumps it writes",
                            dump_args.dump_dir, ", ".join(stale))
     dumper = None
 
     def add_dumper(trainer, data, tokenizer):
         nonlocal dumper
-        if data.n_fully_truncated and _rank() == 0:
-            print(f"warning: {fmt_share(data.n_fully_truncated, len(data))} are fully truncated: their perplexity "
-                  "is dumped as 1.0 (as in the paper)", file=sys.stderr)
+        if data.n_fully_truncated:
+            train.notice(f"warning: {fmt_share(data.n_fully_truncated, len(data))} are fully truncated: their "
+                         "perplexity is dumped as 1.0 (as in the paper)")
         dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
         for cb in (dumper, *callbacks):
             trainer.add_callback(cb)

@@ -120,12 +120,12 @@ class LegacyFlagError(ValueError):
     """A legacy flag whose value cannot be translated (reported as a usage error, exit 2)."""
 
 
-def _is_main_rank() -> bool:
+def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def _notice(msg: str) -> None:
-    if _is_main_rank():  # once per job, not once per process
+def notice(msg: str) -> None:
+    if is_main_rank():  # once per job, not once per process
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -170,7 +170,7 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
         name, inline = _split_flag(tok)
         if name in RENAMED_FLAGS:
             new = RENAMED_FLAGS[name]
-            _notice(f"note: --{name} is --{new} in transformers 5; using --{new}")
+            notice(f"note: --{name} is --{new} in transformers 5; using --{new}")
             out.append(f"--{new}" + (f"={inline}" if inline is not None else ""))
             i += 1
         elif name == "warmup_ratio":
@@ -184,7 +184,7 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
             if not 0.0 <= r < 1.0:
                 raise LegacyFlagError(f"--warmup_ratio must be in [0, 1), got {warmup_ratio} "
                                       "(use --warmup_steps N for a number of steps)")
-            _notice(f"note: --warmup_ratio {warmup_ratio} is --warmup_steps {warmup_ratio} in transformers 5 "
+            notice(f"note: --warmup_ratio {warmup_ratio} is --warmup_steps {warmup_ratio} in transformers 5 "
                     "(a value below 1 is a ratio of the total steps)")
             out += ["--warmup_steps", warmup_ratio]
         elif name == "fsdp_transformer_layer_cls_to_wrap":
@@ -216,14 +216,14 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
         old = config.pop("fsdp_transformer_layer_cls_to_wrap", None)
         old = config.pop("transformer_layer_cls_to_wrap", old)
         if old is not None and old != names and [old] != names:
-            _notice(f"note: --fsdp_transformer_layer_cls_to_wrap {wrap_cls} overrides the fsdp_config value {old!r}")
+            notice(f"note: --fsdp_transformer_layer_cls_to_wrap {wrap_cls} overrides the fsdp_config value {old!r}")
         config["transformer_layer_cls_to_wrap"] = names
         value = json.dumps(config)
         if fsdp_config_pos is None:
             out += ["--fsdp_config", value]
         else:
             out[fsdp_config_pos] = value
-        _notice(f"note: --fsdp_transformer_layer_cls_to_wrap {wrap_cls} is the fsdp_config key "
+        notice(f"note: --fsdp_transformer_layer_cls_to_wrap {wrap_cls} is the fsdp_config key "
                 f"transformer_layer_cls_to_wrap in transformers 5; using --fsdp_config '{value}'")
     return out
 
@@ -258,18 +258,18 @@ def cpu_fallback(ns: argparse.Namespace) -> None:
     if hasattr(ns, "dataloader_pin_memory"):
         ns.dataloader_pin_memory = False  # pinning has no effect (and warns) without an accelerator
     if getattr(ns, "tf32", None):
-        _notice("warning: no GPU: --tf32 dropped (TF32 is a CUDA matmul mode)")
+        notice("warning: no GPU: --tf32 dropped (TF32 is a CUDA matmul mode)")
         ns.tf32 = None
     for flag in ("fp16", "fp16_full_eval"):
         if getattr(ns, flag, False):
-            _notice(f"warning: no GPU: --{flag} dropped (float16 mixed precision needs CUDA); computing in float32")
+            notice(f"warning: no GPU: --{flag} dropped (float16 mixed precision needs CUDA); computing in float32")
             setattr(ns, flag, False)
     bf16 = getattr(ns, "bf16", False) or getattr(ns, "bf16_full_eval", False)
     if bf16 and not getattr(ns, "use_cpu", False):  # transformers 5 accepts bf16 without CUDA only with use_cpu
-        _notice("warning: no GPU: --bf16 runs as bfloat16 autocast on the CPU (--use_cpu True)")
+        notice("warning: no GPU: --bf16 runs as bfloat16 autocast on the CPU (--use_cpu True)")
         ns.use_cpu = True
     if getattr(ns, "fsdp", None) not in (None, "", False):
-        _notice(f"warning: no GPU: --fsdp {ns.fsdp!r} dropped, falling back to plain data parallel "
+        notice(f"warning: no GPU: --fsdp {ns.fsdp!r} dropped, falling back to plain data parallel "
                 "(DDP over gloo when launched by torchrun)")
         ns.fsdp = None
         ns.fsdp_config = None
@@ -342,7 +342,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Training
     add_missing_special_tokens(tokenizer, model)
     n_pos = getattr(model.config, "max_position_embeddings", None)
     if n_pos is not None and training_args.model_max_length > n_pos:
-        _notice(f"warning: --model_max_length {training_args.model_max_length} exceeds the model's "
+        notice(f"warning: --model_max_length {training_args.model_max_length} exceeds the model's "
                 f"max_position_embeddings {n_pos}; long records may fail or degrade")
     return model, tokenizer
 
@@ -384,7 +384,7 @@ def warn_truncated(data: SupervisedData, model_max_length: int) -> None:
         raise UserError(f"every record's response is truncated away at --model_max_length {model_max_length}; "
                         "raise it")
     if n:
-        _notice(f"warning: {fmt_share(n, len(data))} have no response token within --model_max_length "
+        notice(f"warning: {fmt_share(n, len(data))} have no response token within --model_max_length "
                 f"{model_max_length} (prompt fills the window); they contribute nothing to training")
 
 
