@@ -72,7 +72,21 @@ def run_cli(main: Callable[[Any], Any], argv: Sequence[str] | None = None) -> in
     except KeyboardInterrupt:
         print("interrupted: no partial output was written", file=sys.stderr)
         return 130
+    finally:
+        _destroy_process_group()
     return 0
+
+
+def _destroy_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits: a gloo group left alive aborts the
+    process at exit ("terminate called without an active exception", SIGABRT) under torchrun."""
+    torch = sys.modules.get("torch")  # only if the script imported it; never import torch here
+    if torch is None:
+        return
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------
