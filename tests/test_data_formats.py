@@ -207,31 +207,6 @@ def test_uncached_hub_id_offline_is_a_one_line_error(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Encodings
-
-
-def test_utf8_byte_order_mark_loads(tmp_path):
-    """Old code: 'line 1 is not valid JSON (Unexpected UTF-8 BOM)' for JSONL, 'not valid JSON' for a list."""
-    for name, text in (("a.json", json.dumps(TINY_RECORDS, indent=4)),
-                       ("a.jsonl", "".join(json.dumps(r) + "\n" for r in TINY_RECORDS))):
-        p = tmp_path / name
-        p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
-        assert utils.load_records(p) == TINY_RECORDS, name
-
-
-def test_other_encodings_get_a_one_line_error_that_says_so(tmp_path):
-    recs = [{"instruction": "Café?", "input": "", "output": "Oui, café."}]
-    p = tmp_path / "latin1.json"
-    p.write_bytes(json.dumps(recs, ensure_ascii=False).encode("latin-1"))
-    with pytest.raises(UserError, match=r"latin1.json: not UTF-8: byte 0xe9 at offset \d+ \(is it Latin-1"):
-        utils.load_records(p)
-    q = tmp_path / "utf16.jsonl"
-    q.write_bytes(json.dumps(recs[0], ensure_ascii=False).encode("utf-16"))   # with its byte-order mark
-    with pytest.raises(UserError, match="utf16.jsonl: not UTF-8: it starts with a UTF-16 byte-order mark"):
-        utils.load_records(q)
-
-
-# ---------------------------------------------------------------------------------------------
 # Views and ShareGPT
 
 
@@ -277,18 +252,6 @@ def _odd(n):
     """n records with every odd shape: no input, null input, extra fields, non-ASCII."""
     return [dict(ODD_RECORDS[i % len(ODD_RECORDS)], instruction=f"{i}: " + ODD_RECORDS[i % len(ODD_RECORDS)]["instruction"])
             for i in range(n)]
-
-
-def test_written_subsets_are_the_original_records(tmp_path):
-    """Old code wrote "input": "" into records that had no input or a null one."""
-    recs = _odd(60)
-    out, res = _step3(tmp_path, "json", recs)
-    assert len(res) == 14
-    for path, idx in res.items():
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        assert text == json.dumps([recs[i] for i in idx], indent=4)   # the paper's format, the original records
-    assert any("input" not in r for p in res for r in data.load(p).originals)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet", "disk"])
