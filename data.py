@@ -25,7 +25,9 @@ The rest of the code sees *views*: new dicts ``{"instruction", "input", "output"
 ``{"messages": [{"role", "content"}, ...]}``; the source records are never modified. A subset is
 written from the *original* records, in the format of its source (``subset_format``): the paper's
 JSON list (indent 4, ``json.dumps`` defaults) for JSON input, the source lines verbatim for JSONL,
-Parquet (the source rows and schema) for Parquet files, saved datasets and hub ids.
+Parquet (the source rows and schema) for Parquet files, saved datasets and hub ids; a Parquet subset
+records the column map it was read with in its schema metadata, and the loader uses it as the file's
+default map (a Dolly subset loads without --input_field/--output_field).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from utils import UserError, atomic_write
 SHAREGPT_KEY = "conversations"  # ShareGPT's list of turns
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 SUBSET_EXTENSIONS = {"json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}
+# Parquet subsets carry the column map they were read with (e.g. Dolly's), so train.py reads them without flags
+COLUMNS_METADATA_KEY = b"small2large.columns"
 
 # Column maps (and default split) of known hub datasets; an explicit --*_field flag wins.
 KNOWN_HUB_DATASETS: dict[str, dict[str, str]] = {
@@ -114,6 +118,7 @@ class Records:
     originals: list[dict] = field(repr=False)
     lines: list[str] | None = field(default=None, repr=False)
     table: Any = field(default=None, repr=False)
+    columns: dict[str, str] = field(default_factory=dict)  # the column map used, non-default names only
 
     def __len__(self) -> int:
         return len(self.views)
@@ -173,6 +178,7 @@ def load(source: str | os.PathLike, allow_chat: bool = False, fields: Fields | N
                 raise UserError(f"{path}: Parquet is compressed inside the file; give the .parquet file")
             fmt, lines = "parquet", None
             originals, table = _read_parquet(path)
+            names = fields.resolved(_columns_metadata(table))
         else:
             jsonl = base.lower().endswith((".jsonl", ".ndjson"))
             fmt, originals, lines = _read_json_or_jsonl(path, jsonl, [*names.values(), SHAREGPT_KEY])
@@ -185,7 +191,8 @@ def load(source: str | os.PathLike, allow_chat: bool = False, fields: Fields | N
     if not originals:
         raise UserError(f"{source}: the dataset is empty")
     views = [make_view(source, i, r, allow_chat, names) for i, r in enumerate(originals)]
-    return Records(source, fmt, views, originals, lines, table)
+    columns = {k: v for k, v in names.items() if v != k}
+    return Records(source, fmt, views, originals, lines, table, columns)
 
 
 def _decode(path: str, raw: bytes) -> str:
@@ -259,6 +266,16 @@ def _read_parquet(path: str):
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"{path}: not a readable Parquet file ({e})") from None
     return table.to_pylist(), table
+
+
+def _columns_metadata(table) -> dict[str, str]:
+    raw = (table.schema.metadata or {}).get(COLUMNS_METADATA_KEY)
+    try:
+        cols = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return {k: v for k, v in cols.items() if k in ("instruction", "input", "output", "messages") and isinstance(v, str)} \
+        if isinstance(cols, dict) else {}
 
 
 def _dataset_table(ds):
@@ -400,8 +417,13 @@ def subset_payload(records: Records, indices, json_list_text=None) -> str | byte
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    table = records.table.take(pa.array(idx, type=pa.int64()))
+    if records.columns:
+        meta = dict(table.schema.metadata or {})
+        meta[COLUMNS_METADATA_KEY] = json.dumps(records.columns).encode()
+        table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
-    pq.write_table(records.table.take(pa.array(idx, type=pa.int64())), buf)
+    pq.write_table(table, buf)
     return buf.getvalue()
 
 

@@ -300,3 +300,37 @@ def test_saved_dataset_dict_splits(tmp_path):
     assert data.load(str(tmp_path / "dd") + ":test").views == TINY_RECORDS[5:]
     with pytest.raises(UserError, match="no split 'dev'"):
         data.load(str(tmp_path / "dd") + ":dev")
+
+
+def test_dump_run_on_a_saved_dataset_with_mapped_columns(tmp_path, tiny_llama, llama):
+    """dump_pplxs.py end to end (--data_path a save_to_disk folder, Dolly's column names): its P0 equals
+    the JSON file's scored independently."""
+    import dump_pplxs
+    from tests._dump_pplxs_helpers import max_rel_diff
+
+    dolly = [{"instruction": r["instruction"], "context": r.get("input"), "response": r["output"]} for r in ODD_RECORDS]
+    folder = _write(tmp_path / "dolly_saved", dolly, "disk")
+    dump_pplxs.main(["--model_name_or_path", tiny_llama, "--data_path", folder, "--input_field", "context",
+                     "--output_field", "response", "--output_dir", str(tmp_path / "out"), "--dump_dir", str(tmp_path / "d"),
+                     "--num_train_epochs", "1", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                     "--model_max_length", "128", "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no"])
+    _, ref = _pplxs(llama, _write(tmp_path / "a.json", ODD_RECORDS, "json"))
+    assert max_rel_diff(list(utils.load_pplxs(tmp_path / "d" / "epoch-pre.pkl")), ref) < 1e-6
+
+
+def test_parquet_subsets_of_a_mapped_hub_dataset_load_without_flags(tmp_path, monkeypatch):
+    """Subsets of Dolly from the hub are Parquet files of its rows (context, response, category) that carry
+    the column map, so train.py reads them with no --input_field / --output_field."""
+    import datasets
+
+    ws = make_workspace(str(tmp_path / "ws"), n=40, k=3)
+    dolly = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"], "category": "c"}
+             for r in ws["records"]]
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, split=None: datasets.Dataset.from_list(dolly))
+    res = subset.main(dump_args(dict(ws["paths"], dataset="databricks/databricks-dolly-15k"), "--percentage", "10",
+                                "--lp1", "--output_dir", str(tmp_path / "o")))
+    (path, idx), = res.items()
+    assert path.endswith("10_low_lp1-model.parquet")
+    assert pq.read_table(path).to_pylist() == [dolly[i] for i in idx]
+    assert data.load(path).views == [ws["records"][i] for i in idx]
+    assert data.load(path, fields=data.Fields(output="context")).views[0]["output"] == ws["records"][idx[0]]["input"]
