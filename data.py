@@ -313,7 +313,8 @@ def _read_hub(source: str, repo: str, split: str):
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (HF_HUB_OFFLINE is set: only datasets in the local cache load)" if offline else ""
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{source}: cannot load the hub dataset {repo!r} split {split!r}{hint}: {msg}") from None
+        raise UserError(f"{source}: no such file or folder, and the hub dataset {repo!r} split {split!r} does not "
+                        f"load{hint}: {msg}") from None
     if isinstance(ds, datasets.DatasetDict):  # a split expression can still give a dict
         raise UserError(f"{source}: give a split with ':SPLIT' (splits: {', '.join(ds)})")
     table = _dataset_table(ds)
