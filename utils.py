@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
 import io
 import json
 import os
@@ -179,82 +178,16 @@ def safe_load_pickle(path: str | os.PathLike) -> Any:
 # Datasets
 
 
-def _read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+def load_records(path: str | os.PathLike, allow_chat: bool = False, fields=None) -> list[dict]:
+    """The normalized views of a dataset's records, in the source's order (see data.py for the
+    formats: JSON list, JSONL, Parquet, .gz, saved datasets, hub ids). Every record is validated
+    once; errors name the record number. Views are new dicts, the source records are untouched:
+    Alpaca views are {"instruction", "input" ("" when missing or null), "output"}; with
+    ``allow_chat``, chat and ShareGPT records become {"messages": [{"role", "content"}, ...]}.
+    ``fields`` (a data.Fields) maps other column names."""
+    import data
 
-
-def load_records(path: str | os.PathLike, allow_chat: bool = False) -> list[dict]:
-    """Read a dataset: the paper's JSON list of records, or JSONL (one record per line);
-    ``.gz`` is decompressed. Every record is validated once; errors name the record number.
-
-    Alpaca records need string ``instruction`` and ``output``; ``input`` is optional ("" if absent).
-    With ``allow_chat``, records of the form {"messages": [{"role", "content"}, ...]} are accepted.
-    Returned records are the original dicts (with "input" filled in for Alpaca records)."""
-    path = os.fspath(path)
-    text = _read_text(path)
-    stripped = text.lstrip()
-    if not stripped:
-        raise UserError(f"{path}: the dataset is empty")
-    if stripped[0] == "[":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-    else:
-        with contextlib.suppress(json.JSONDecodeError):
-            whole = json.loads(text)
-            if isinstance(whole, dict) and not ({"instruction", "messages"} & whole.keys()):
-                keys = ", ".join(list(whole)[:5])
-                raise UserError(f"{path}: expected a JSON list of records (or JSONL), got an object with keys {keys}")
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno} is not valid JSON ({e})") from None
-        if len(records) == 1 and not isinstance(records[0], dict):
-            raise UserError(f"{path}: expected a JSON list of records or JSONL, got {type(records[0]).__name__}")
-    if not isinstance(records, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    if not records:
-        raise UserError(f"{path}: the dataset is empty")
-    for i, r in enumerate(records):
-        _validate_record(path, i, r, allow_chat)
-    return records
-
-
-def _validate_record(path: str, i: int, r: Any, allow_chat: bool) -> None:
-    if not isinstance(r, dict):
-        raise UserError(f"{path}: record {i} is a {type(r).__name__}, expected an object")
-    if "messages" in r and allow_chat:
-        msgs = r["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{path}: record {i}: 'messages' must be a non-empty list")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise UserError(f"{path}: record {i}: message {j} needs string 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise UserError(f"{path}: record {i}: no assistant turn to score")
-        return
-    for key in ("instruction", "output"):
-        if key not in r:
-            what = "an Alpaca record" + (" or a chat record" if allow_chat else "")
-            raise UserError(f"{path}: record {i} has no '{key}' field (expected {what})")
-        if not isinstance(r[key], str):
-            raise UserError(f"{path}: record {i}: '{key}' must be a string, got {type(r[key]).__name__}")
-    if "input" not in r or r["input"] is None:
-        r["input"] = ""
-    elif not isinstance(r["input"], str):
-        raise UserError(f"{path}: record {i}: 'input' must be a string, got {type(r['input']).__name__}")
+    return data.load(path, allow_chat=allow_chat, fields=fields).views
 
 
 def is_chat(record: dict) -> bool:
@@ -436,8 +369,8 @@ class SupervisedData:
         return len(self.input_ids)
 
 
-def make_supervised_data(data_path: str, tokenizer, model_max_length: int) -> SupervisedData:
-    records = load_records(data_path, allow_chat=True)
+def make_supervised_data(data_path: str, tokenizer, model_max_length: int, fields=None) -> SupervisedData:
+    records = load_records(data_path, allow_chat=True, fields=fields)
     ids, labels = tokenize_records(records, tokenizer, model_max_length)
     return SupervisedData(ids, labels)
 
