@@ -300,8 +300,22 @@ def test_exact_hits_the_requested_share(tmp_path, capsys):
             want += members[:a]
         assert idx.tolist() == want
         assert len(res[os.path.join(out, f"{p}_clust_rand-m-exact.json")]) == round(p * 10)
-    high = res[os.path.join(out, "33_high_lp1-m-exact.json")]
-    assert len(high) == 330 and all(l1[i] >= np.median(l1[labels == labels[i]]) for i in high)
+    # 33% mid / high: per cluster the central / highest members, as many as the exact allocation gives it
+    alloc = subset.exact_allocation(sizes[sizes > 0], 330)
+    recs = read_json(ws["paths"]["dataset"])
+    for part in ("mid", "high"):
+        name = f"33_{part}_lp1-m-exact.json"
+        got = res[os.path.join(out, name)].tolist()
+        want = []
+        for c, a in zip(np.flatnonzero(sizes), alloc):
+            members = sorted(np.flatnonzero(labels == c).tolist(), key=lambda i: (l1[i], i))
+            start = (len(members) - a) // 2 if part == "mid" else len(members) - a   # mid: centred, the odd one lower
+            chunk = members[start:start + a]
+            assert got[len(want):len(want) + a] == chunk, f"{name}: cluster {c} ({len(members)} members, keeps {a}): " \
+                f"records {got[len(want):len(want) + a]} instead of its {part} chunk {chunk} (sorted positions {start}..{start + a - 1})"
+            want += chunk
+        assert got == want and len(got) == 330
+        assert read_json(os.path.join(out, name)) == [recs[i] for i in want]   # the file holds these records
     # the paper's rule overshoots on the same data
     paper = subset.select(subset.Ranking(labels, {"lp1": l1}, None, "m"), [subset.Split("lp1", 1)], False, False, 1000, True)[0]
     assert len(paper) > 10
