@@ -83,6 +83,31 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_zero_loss(tiny_llama, tmp_path_factory):
+    """tiny_llama edited so that after the token "." the model predicts eos with probability exactly 1.0 in
+    float32: "." gets the embedding 100 * e_0 (the RMS norms then map its hidden state to ~sqrt(d) * e_0) and
+    only eos's output row has a weight on dimension 0 (8, a logit of ~45 against ~0: exp(-45) vanishes
+    against 1 in float32). Every record whose response ends in "." has a token loss of exactly 0."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    dot, eos = tok.convert_tokens_to_ids("."), tok.eos_token_id
+    assert dot != tok.unk_token_id
+    with torch.no_grad():
+        emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        emb[dot] = 0.0
+        emb[dot, 0] = 100.0
+        out[:, 0] = 0.0
+        out[eos, 0] = 8.0
+    path = str(tmp_path_factory.mktemp("models") / "tiny-llama-zero-loss")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_opt(tmp_path_factory):
     """Folder of a random-initialised 2-layer OPT (hidden 32) with a BPE tokenizer and no pad token."""
     return _make_model(str(tmp_path_factory.mktemp("models")), "opt")
