@@ -25,8 +25,8 @@ k-means: 10 faiss Lloyd iterations over every point (--niter), from a greedy k-m
 scikit-learn's KMeans, whose default start this is) computed on 8 random points per cluster (--init_sample;
 0 = all points, as scikit-learn) with 3 candidates per centre (--n_local_trials). Seeded by --seed: the same
 input and seed give the same labels. --nredo N runs it N times, seeded --seed, --seed + 1, ..., and keeps the
-run with the lowest inertia (either --init; the paper's default is one run). bench/bench_kmeans.py puts time and inertia next to scikit-learn's
-(>= 10x faster at an inertia within 1% on 52,000 x 384, K = 1000).
+run with the lowest inertia (either --init; the paper's default is one run). bench/bench_kmeans.py puts time
+and inertia next to scikit-learn's (>= 10x faster at an inertia within 1% on 52,000 x 384, K = 1000).
 
 Output, in dataset order, the paper's format (so its clustering pickles and ours are interchangeable):
 a pickled list of {"embed_sentence": str, "cluster_num": int}.
