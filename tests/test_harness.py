@@ -1,5 +1,5 @@
 """The test harness itself (tests/conftest.py): the CI switch that turns a missing paper fixture into a
-failure, and the `gpu` marker's skip. Each runs pytest in a subprocess on a real test of the suite."""
+failure (pytest in a subprocess on a real test of the suite), and the `gpu` marker's skip."""
 
 import os
 import subprocess
@@ -20,6 +20,7 @@ def _pytest(args, **env):
                           env=full, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # two pytest subprocesses, ~3 s of CPU
 def test_require_paper_switch_turns_a_missing_fixture_into_a_failure(tmp_path):
     missing = str(tmp_path / "no-paper-here")
     off = _pytest([PAPER_TEST], SMALL2LARGE_PAPER_DIR=missing, SMALL2LARGE_REQUIRE_PAPER=None)
@@ -36,15 +37,40 @@ def test_ci_requires_the_paper():
     assert lines.index("export SMALL2LARGE_REQUIRE_PAPER=1") < lines.index("python3 -m pytest -q")
 
 
-@pytest.mark.slow
-def test_gpu_tests_are_skipped_without_cuda_with_a_reason():
+class _Item:
+    def __init__(self, gpu):
+        self.gpu, self.added = gpu, []
+
+    def get_closest_marker(self, name):
+        return pytest.mark.gpu.mark if name == "gpu" and self.gpu else None
+
+    def add_marker(self, marker):
+        self.added.append(marker)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_gpu_marker_skips_without_cuda_with_a_reason(cuda, monkeypatch):
+    """conftest's collection hook on gpu-marked and other items: without CUDA the gpu ones get a skip with
+    its reason (or, with SMALL2LARGE_REQUIRE_GPU=1, the run stops with a usage error); with CUDA they run."""
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available here: the gpu tests run instead of being skipped")
-    res = _pytest(["-m", "gpu", "tests/test_gpu.py"], SMALL2LARGE_REQUIRE_GPU=None)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "marked gpu: needs CUDA, and torch.cuda.is_available() is False" in res.stdout
-    assert " passed" not in res.stdout and " skipped" in res.stdout
-    required = _pytest(["-m", "gpu", "tests/test_gpu.py"], SMALL2LARGE_REQUIRE_GPU="1")
-    assert required.returncode != 0 and "SMALL2LARGE_REQUIRE_GPU=1" in required.stdout + required.stderr
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(conftest, "REQUIRE_GPU", False)
+    items = [_Item(gpu=True), _Item(gpu=False), _Item(gpu=True)]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert items[1].added == []
+    for item in (items[0], items[2]):
+        if cuda:
+            assert item.added == []
+        else:
+            (mark,) = [m.mark for m in item.added]
+            assert mark.name == "skip"
+            assert mark.kwargs["reason"] == "marked gpu: needs CUDA, and torch.cuda.is_available() is False"
+    monkeypatch.setattr(conftest, "REQUIRE_GPU", True)
+    if cuda:
+        conftest.pytest_collection_modifyitems(None, [_Item(gpu=True)])
+    else:
+        with pytest.raises(pytest.UsageError, match="SMALL2LARGE_REQUIRE_GPU=1"):
+            conftest.pytest_collection_modifyitems(None, [_Item(gpu=True)])
