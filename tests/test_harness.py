@@ -24,9 +24,11 @@ def _pytest(args, **env):
 def test_require_paper_switch_turns_a_missing_fixture_into_a_failure(tmp_path):
     missing = str(tmp_path / "no-paper-here")
     off = _pytest([PAPER_TEST], SMALL2LARGE_PAPER_DIR=missing, SMALL2LARGE_REQUIRE_PAPER=None)
-    assert off.returncode == 0 and "1 skipped" in off.stdout and missing in off.stdout, off.stdout + off.stderr
+    assert off.returncode == 0 and "1 skipped" in off.stdout and missing in off.stdout, (
+        f"without the switch a missing paper folder must skip the test with its path (exit {off.returncode}):\n{off.stdout}")
     on = _pytest([PAPER_TEST], SMALL2LARGE_PAPER_DIR=missing, SMALL2LARGE_REQUIRE_PAPER="1")
-    assert on.returncode == 1 and "1 error" in on.stdout, on.stdout + on.stderr
+    assert on.returncode == 1 and "1 error" in on.stdout, (
+        f"SMALL2LARGE_REQUIRE_PAPER=1 with no paper files: the paper test did not fail (exit {on.returncode}):\n{on.stdout}")
     assert f"the paper's released files are not at {missing}, and SMALL2LARGE_REQUIRE_PAPER=1 requires them" in on.stdout
 
 
