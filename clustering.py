@@ -25,8 +25,9 @@ normalises the embeddings to unit length, as model.encode does in the paper.
 k-means: 10 faiss Lloyd iterations over every point (--niter), from a greedy k-means++ start (the paper used
 scikit-learn's KMeans, whose default start this is) computed on 8 random points per cluster (--init_sample;
 0 = all points, as scikit-learn) with 3 candidates per centre (--n_local_trials). Seeded by --seed: the same
-input and seed give the same labels. bench/bench_kmeans.py puts time and inertia next to scikit-learn's
-(>= 10x faster at an inertia within 1% on 52,000 x 384, K = 1000).
+input and seed give the same labels. --nredo N runs it N times, seeded --seed, --seed + 1, ..., and keeps the
+run with the lowest inertia (either --init; the paper's default is one run). bench/bench_kmeans.py puts time
+and inertia next to scikit-learn's (>= 10x faster at an inertia within 1% on 52,000 x 384, K = 1000).
 
 Output, in dataset order, the paper's format (so its clustering pickles and ours are interchangeable):
 a pickled list of {"embed_sentence": str, "cluster_num": int}.
@@ -183,29 +184,41 @@ def kmeans(x: np.ndarray, k: int, seed: int = 42, niter: int = 10, nredo: int = 
 
     ``init`` "kmeans++" (default): greedy k-means++ (as scikit-learn's KMeans) on ``init_sample * k`` random
     rows (0: on all rows, as scikit-learn: slower, at most ~0.1% lower inertia in bench/bench_kmeans.py) with ``n_local_trials``
-    candidates per centre (0: scikit-learn's 2 + ln(k)); nredo is then 1. ``init`` "random": faiss' own start
-    (k random rows), best of ``nredo`` runs; ~1% higher inertia. Deterministic for a seed.
-    Returns (labels int64 [n], centroids float32 [k, d], inertia = sum of squared distances)."""
+    candidates per centre (0: scikit-learn's 2 + ln(k)). ``init`` "random": faiss' own start (k random rows);
+    ~1% higher inertia. ``nredo`` runs, with either start: run r is seeded with ``seed + r`` and the run with
+    the lowest inertia is kept (the first one on ties), so nredo=1 is the single run seeded with ``seed``.
+    Deterministic for a seed. Returns (labels int64 [n], centroids float32 [k, d], inertia = sum of squared
+    distances of the points to their centroid)."""
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if not 1 <= k <= n:
         raise UserError(f"--num_clusters {k} must be between 1 and the number of records ({n})")
-    km = faiss.Kmeans(
-        d, k, niter=niter, nredo=nredo if init == "random" else 1, seed=seed, verbose=verbose,
-        max_points_per_centroid=math.ceil(n / k) + 1,  # train on every point, as scikit-learn does
-        min_points_per_centroid=1,  # no warning for small datasets
-    )
-    if init == "kmeans++":
-        km.train(x, init_centroids=kmeans_plusplus(x, k, seed, n_local_trials=n_local_trials or None,
-                                                   max_points=init_sample * k if init_sample else None))
-    elif init == "random":
-        km.train(x)
-    else:
+    if init not in ("kmeans++", "random"):
         raise UserError(f"unknown k-means init {init!r} (kmeans++ or random)")
-    dist, lab = km.index.search(x, 1)
-    return lab[:, 0].astype(np.int64), km.centroids, float(dist[:, 0].astype(np.float64).sum())
+    if nredo < 1:
+        raise UserError(f"--nredo must be >= 1, got {nredo}")
+    best = None
+    for r in range(nredo):
+        run_seed = seed + r
+        km = faiss.Kmeans(
+            d, k, niter=niter, nredo=1, seed=run_seed, verbose=verbose,
+            max_points_per_centroid=math.ceil(n / k) + 1,  # train on every point, as scikit-learn does
+            min_points_per_centroid=1,  # no warning for small datasets
+        )
+        if init == "kmeans++":
+            km.train(x, init_centroids=kmeans_plusplus(x, k, run_seed, n_local_trials=n_local_trials or None,
+                                                       max_points=init_sample * k if init_sample else None))
+        else:
+            km.train(x)
+        dist, lab = km.index.search(x, 1)
+        inertia = float(dist[:, 0].astype(np.float64).sum())
+        if verbose and nredo > 1:
+            print(f"k-means run {r + 1}/{nredo} (seed {run_seed}): inertia {inertia:.6g}")
+        if best is None or inertia < best[2]:
+            best = (lab[:, 0].astype(np.int64), km.centroids, inertia)
+    return best
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -228,7 +241,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "0: on all points, as scikit-learn (slower; at most ~0.1%% lower inertia)")
     p.add_argument("--n_local_trials", type=int, default=3,
                    help="greedy k-means++ candidates per centre (default 3; 0: scikit-learn's 2 + ln K, 8 for K=1000)")
-    p.add_argument("--nredo", type=int, default=1, help="restarts with --init random, the best inertia is kept (default 1)")
+    p.add_argument("--nredo", type=int, default=1,
+                   help="k-means runs (either --init): run r is seeded with --seed + r and the lowest inertia is kept "
+                        "(default 1: one run seeded with --seed, the paper's)")
     p.add_argument("--save_embeddings", action="store_true",
                    help="also write {output_dir}/{output_name}-embeddings.npy (float32, N x 384) to re-cluster later")
     p.add_argument("--embeddings", default=None, help="re-cluster these embeddings (.npy from --save_embeddings) instead of embedding again")
@@ -278,7 +293,8 @@ def main(args) -> list[dict]:
     labels, _, inertia = kmeans(emb, args.num_clusters, seed=args.seed, niter=args.niter, nredo=args.nredo,
                                  init=args.init, init_sample=args.init_sample, n_local_trials=args.n_local_trials)
     sizes = np.bincount(labels, minlength=args.num_clusters)
-    print(f"k-means: {args.num_clusters} clusters in {time.time() - t:.1f} s, inertia {inertia:.4f}, "
+    runs = f" (best of {args.nredo} runs, seeds {args.seed}..{args.seed + args.nredo - 1})" if args.nredo > 1 else ""
+    print(f"k-means: {args.num_clusters} clusters in {time.time() - t:.1f} s, inertia {inertia:.4f}{runs}, "
           f"cluster sizes {sizes.min()}..{sizes.max()} ({int((sizes == 0).sum())} empty)")
     output = [{"embed_sentence": s, "cluster_num": int(c)} for s, c in zip(sentences, labels)]
     write_pickle(out_path, output)

@@ -429,13 +429,11 @@ def subset_payload(records: Records, indices, json_list_text=None) -> str | byte
 
 
 def write_subset(path: str, payload: str | bytes) -> None:
-    """Write one subset (from subset_payload) atomically; a failure is a one-line UserError."""
-    try:
-        if isinstance(payload, bytes):
-            with atomic_write(path, "wb", encoding=None) as f:
-                f.write(payload)
-        else:
-            with atomic_write(path) as f:
-                f.write(payload)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e}") from None
+    """Write one subset (from subset_payload) atomically. An OSError (disk full, ...) propagates:
+    subset.py turns it into one line naming the final path, after removing the run's staged files."""
+    if isinstance(payload, bytes):
+        with atomic_write(path, "wb", encoding=None) as f:
+            f.write(payload)
+    else:
+        with atomic_write(path) as f:
+            f.write(payload)

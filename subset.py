@@ -49,16 +49,21 @@ Beyond the paper (defaults stay faithful):
                         them out (files get a "-notrunc" suffix). Their number is always reported.
 Every run prints, per split, the records kept and their share of the dataset; (b) warns when the
 achieved share is far from --percentage (p from 41 to 66 gives k = 2, i.e. 50%; 67 to 100 gives 100%).
+All files or none: a run's files are written into a hidden folder inside --output_dir and moved into place
+once all are written (see staged_outputs); an error or a kill while writing changes no file there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import json
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,6 +242,30 @@ def records_json(elements: np.ndarray, indices) -> str:
     if len(indices) == 0:
         return "[]"
     return "[\n" + ",\n".join(elements[np.asarray(indices, dtype=np.int64)].tolist()) + "\n]"
+
+
+@contextlib.contextmanager
+def staged_outputs(output_dir: str):
+    """Yield a new hidden folder inside ``output_dir`` to write a run's files into; when the block ends
+    without error, move each file into ``output_dir`` under its name (os.replace: atomic per file).
+    If the block fails, the folder and what it holds are removed (and ``output_dir`` too if this call
+    created it and it is empty), so no file in ``output_dir`` is added or changed. A kill -9 while
+    writing leaves the hidden .subset-*.tmp folder behind, never a partial set of outputs; a crash during
+    the renames (a few milliseconds) can leave some files new and some old, never a truncated one."""
+    created = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".subset-", suffix=".tmp", dir=output_dir)
+    try:
+        yield stage
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(output_dir, name))
+        os.rmdir(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(output_dir)
+        raise
 
 
 # ----------------------------------------------------------------------------------------
@@ -455,10 +484,17 @@ def main(args) -> dict:
         json_list_text = functools.partial(records_json, elements)
     payloads = [(os.path.join(args.output_dir, s.filename(model, suffix, ext)), data.subset_payload(source, idx, json_list_text))
                 for s, idx in zip(splits, chosen)]  # everything is built before anything is written
-    out = {}
-    for (path, payload), s, idx in zip(payloads, splits, chosen):
-        data.write_subset(path, payload)
-        out[path] = idx
+    out = {path: idx for (path, _), idx in zip(payloads, chosen)}
+    try:
+        with staged_outputs(args.output_dir) as stage:  # all files or none (see staged_outputs)
+            for path, payload in payloads:
+                try:
+                    data.write_subset(os.path.join(stage, os.path.basename(path)), payload)
+                except OSError as e:
+                    raise UserError(f"cannot write {path}: {e}; no file in {args.output_dir} was changed") from None
+    except OSError as e:
+        raise UserError(f"cannot write the subsets into {args.output_dir}: {e}") from None
+    for (path, _), s, idx in zip(payloads, splits, chosen):
         print(f"Generated {path}: {fmt_share(len(idx), n)}")
         if not interface_a:
             share = 100.0 * len(idx) / n

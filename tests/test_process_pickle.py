@@ -1,5 +1,6 @@
 """process_pickle.py: the paper's CSV, byte for byte; the truncation report; --plot."""
 
+import collections
 import csv
 import io
 import os
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from _step3_helpers import dump_args, listdir_all, make_workspace
+from _step3_helpers import dump_args, listdir_all, make_workspace, ref_lp1, ref_lp1_approx
 
 import process_pickle
 from utils import UserError
@@ -72,13 +73,54 @@ def test_numpy_cluster_numbers_from_a_sklearn_clustering_are_accepted(tmp_path):
 
 
 def test_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    """process_pickle.py --plot (the README's command) writes a PNG next to the CSV."""
     ws = make_workspace(str(tmp_path / "in"), n=300, k=5)
     png = str(tmp_path / "lp.png")
     process_pickle.main(dump_args(ws["paths"], "--output_dir", str(tmp_path / "rk"), "--plot", png))
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(png) > 20_000
+
+
+def test_plot_draws_each_metric_and_the_trajectories(tmp_path):
+    """What the figure shows, read back from its axes: each histogram panel holds np.histogram of its own
+    metric (80 bins over the 0.5-99.5 percentiles), each trajectory is one record's (P0, P1, P2, P3) in
+    that order, coloured by its LP(1), and the red line is the median of all records per epoch."""
+    import matplotlib
+
+    ws = make_workspace(str(tmp_path / "in"), n=400, k=5, ties=False)
+    p0, p1, p2, p3 = ws["p"]
+    fig = process_pickle.plot_lp(str(tmp_path / "lp.png"), "m", p0, p1, p2, p3)
+    hist_axes = {ax.get_xlabel().split(" =")[0]: ax for ax in fig.axes[:2]}
+    assert sorted(hist_axes) == ["LP(1)", "LP(1)-approx"]
+    l1 = np.array(ref_lp1(p0, p1, p3))
+    drawn = {}
+    for name, v in (("LP(1)", l1), ("LP(1)-approx", np.array(ref_lp1_approx(p0, p1)))):
+        lo, hi = np.percentile(v, [0.5, 99.5])
+        counts, edges = np.histogram(v[(v >= lo) & (v <= hi)], bins=80)
+        bars = hist_axes[name].patches
+        heights = [b.get_height() for b in bars]
+        drawn[name] = heights
+        assert heights == counts.tolist(), f"the {name} panel's bars are not the histogram of {name}"
+        assert np.allclose([b.get_x() for b in bars] + [bars[-1].get_x() + bars[-1].get_width()], edges, rtol=0, atol=1e-12)
+    assert drawn["LP(1)"] != drawn["LP(1)-approx"]   # the two metrics are told apart on this data
+    # trajectories: one line per sampled record, its P0..P3 in epoch order, coloured by its own LP(1)
+    p = np.stack([p0, p1, p2, p3], axis=1)
+    rows = collections.defaultdict(list)   # trajectory -> records (only the 4 fully truncated ones share one)
+    for i, r in enumerate(p.tolist()):
+        rows[tuple(r)].append(i)
+    lines = fig.axes[2].get_lines()
+    median = [ln for ln in lines if ln.get_label() == "median of all records"]
+    traj = [ln for ln in lines if ln.get_label() != "median of all records"]
+    assert len(median) == 1 and np.array_equal(median[0].get_ydata(), np.median(p, axis=0))
+    assert len(traj) == 300
+    cmap = matplotlib.colormaps["viridis"]
+    for j, ln in enumerate(traj):
+        assert list(ln.get_xdata()) == [0, 1, 2, 3]
+        y = tuple(float(t) for t in ln.get_ydata())
+        assert rows[y], f"trajectory {j} {y} is not (P0, P1, P2, P3) of any record left to draw (reversed or mixed epochs?)"
+        i = rows[y].pop()   # each record is drawn at most once
+        assert ln.get_color()[:3] == cmap(float(np.clip(l1[i], 0, 1)))[:3], f"trajectory {j} is not coloured by its LP(1)"
 
 
 def test_plot_without_matplotlib_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):

@@ -161,3 +161,23 @@ def test_sharded_scoring_two_ranks_equals_one_and_lockstep(tiny_llama):
     assert max_rel_diff(got, one) < 1e-5
     with pytest.raises(RuntimeError, match="not initialised"):
         score_pplxs(model, data, tok.pad_token_id, rank=0, world_size=2, progress=False)
+
+
+def test_train_mode_model_with_dropout_is_scored_in_eval_mode(tiny_opt):
+    """The Trainer hands over its model in train mode; OPT has dropout (0.1), so scoring must switch it off:
+    two scorings of a train-mode model are identical and equal the eval-mode one-record reference, and
+    train mode is restored afterwards."""
+    model, tok = load(tiny_opt)
+    assert model.config.dropout > 0
+    data = _data(tok)
+    ref = reference_pplxs(model, data.input_ids, data.labels)   # load() put the model in eval mode
+    model.train()
+    with torch.no_grad():   # dropout is live in train mode: the same forward twice differs
+        ids = torch.tensor([data.input_ids[3]])
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+    first, _ = score_pplxs(model, data, tok.pad_token_id, max_tokens=300, progress=False)
+    assert model.training   # train mode restored
+    second, _ = score_pplxs(model, data, tok.pad_token_id, max_tokens=300, progress=False)
+    assert first == second, "two scorings of the same train-mode model differ: dropout was active while scoring"
+    err = max_rel_diff(first, ref)
+    assert err < 1e-5, f"scoring a train-mode model differs from the eval-mode reference by {err:.2g} (dropout on?)"

@@ -1,6 +1,7 @@
 """subset.py: the chunk rule, exact budgets, clust_rand, both interfaces, the CSV round trip."""
 
 import csv
+import errno
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import pytest
 from _step3_helpers import (
     SPLIT_LIST,
     dump_args,
+    listdir_all,
     make_workspace,
     read_json,
     read_text,
@@ -21,6 +23,7 @@ from _step3_helpers import (
     write_pickle_plain,
 )
 
+import data
 import process_pickle
 import subset
 from utils import UserError
@@ -300,8 +303,22 @@ def test_exact_hits_the_requested_share(tmp_path, capsys):
             want += members[:a]
         assert idx.tolist() == want
         assert len(res[os.path.join(out, f"{p}_clust_rand-m-exact.json")]) == round(p * 10)
-    high = res[os.path.join(out, "33_high_lp1-m-exact.json")]
-    assert len(high) == 330 and all(l1[i] >= np.median(l1[labels == labels[i]]) for i in high)
+    # 33% mid / high: per cluster the central / highest members, as many as the exact allocation gives it
+    alloc = subset.exact_allocation(sizes[sizes > 0], 330)
+    recs = read_json(ws["paths"]["dataset"])
+    for part in ("mid", "high"):
+        name = f"33_{part}_lp1-m-exact.json"
+        got = res[os.path.join(out, name)].tolist()
+        want = []
+        for c, a in zip(np.flatnonzero(sizes), alloc):
+            members = sorted(np.flatnonzero(labels == c).tolist(), key=lambda i: (l1[i], i))
+            start = (len(members) - a) // 2 if part == "mid" else len(members) - a   # mid: centred, the odd one lower
+            chunk = members[start:start + a]
+            assert got[len(want):len(want) + a] == chunk, f"{name}: cluster {c} ({len(members)} members, keeps {a}): " \
+                f"records {got[len(want):len(want) + a]} instead of its {part} chunk {chunk} (sorted positions {start}..{start + a - 1})"
+            want += chunk
+        assert got == want and len(got) == 330
+        assert read_json(os.path.join(out, name)) == [recs[i] for i in want]   # the file holds these records
     # the paper's rule overshoots on the same data
     paper = subset.select(subset.Ranking(labels, {"lp1": l1}, None, "m"), [subset.Split("lp1", 1)], False, False, 1000, True)[0]
     assert len(paper) > 10
@@ -364,3 +381,88 @@ def test_random_module_state_is_not_touched(tmp_path):
     random.seed(123)
     subset.main(dump_args(ws["paths"], "--percentage", "10", "--clust_rand", "--output_dir", str(tmp_path / "o")))
     assert random.random() == a
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _snapshot(d):
+    """{relative path: (bytes, mtime_ns)} of every file under d, hidden ones included."""
+    return {p: (read_bytes(os.path.join(d, p)), os.stat(os.path.join(d, p)).st_mtime_ns) for p in listdir_all(d)}
+
+
+def test_a_failed_write_changes_no_file(tmp_path, monkeypatch):
+    """A full disk at the 10th of the 22 files (half of it written, then ENOSPC): the output folder is
+    exactly as before (the 22 files of an earlier run untouched, no new or temporary file), and a folder
+    that did not exist is not created. Without the failure the same run replaces all 22."""
+    ws = make_workspace(str(tmp_path / "in"), n=200, k=5)
+    out, first = _run_a(ws, tmp_path, "--lp1", "--lp1_approx", "--clust_rand")
+    before = _snapshot(out)
+    assert len(before) == 22
+    # a second run whose every file differs (other records and scores), into the same folder
+    ws2 = make_workspace(str(tmp_path / "in2"), n=200, k=5, seed=1)
+    rk2 = str(tmp_path / "rk2")
+    process_pickle.main(dump_args(ws2["paths"], "--model_name", "tiny-m", "--output_dir", rk2))
+    argv = ["--dataset", ws2["paths"]["dataset"], "--l1_ranking_file", os.path.join(rk2, "tiny-m-l1_ranking.csv"),
+            "--lp1", "--lp1_approx", "--clust_rand"]
+    real, calls = data.write_subset, []
+
+    def disk_full_at_10th(path, text):
+        calls.append(path)
+        if len(calls) == 10:
+            with open(path, "w") as f:   # a truncated file, then the error
+                f.write(text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(data, "write_subset", disk_full_at_10th)
+    for target in (out, str(tmp_path / "new" / "data")):
+        calls.clear()
+        with pytest.raises(UserError, match=r"cannot write .*_lp1_approx-tiny-m\.json: .*No space left on device; no file"):
+            subset.main([*argv, "--output_dir", target])
+        assert len(calls) == 10
+    after = _snapshot(out)
+    assert sorted(after) == sorted(before), f"files added or removed by the failed run: {set(after) ^ set(before)}"
+    changed = [p for p in before if after[p] != before[p]]
+    assert not changed, f"the failed run changed {len(changed)} of the earlier run's files: {changed}"
+    assert not os.path.exists(tmp_path / "new" / "data")
+    monkeypatch.setattr(data, "write_subset", real)
+    second = subset.main([*argv, "--output_dir", out])
+    assert listdir_all(out) == sorted(before)
+    assert all(read_bytes(p) != before[os.path.relpath(p, out)][0] for p in second)   # all 22 replaced
+    assert [os.path.basename(p) for p in second] == [os.path.basename(p) for p in first]
+
+
+def test_kill_9_while_writing_leaves_only_a_hidden_folder(tmp_path):
+    """A real SIGKILL at the 10th of 22 files (subprocess): the output folder holds no subset file, only the
+    hidden .subset-*.tmp folder with the 9 finished files (and the 10th's temporary file)."""
+    import signal
+    import subprocess
+    import sys
+
+    ws = make_workspace(str(tmp_path / "in"), n=120, k=4)
+    rk = str(tmp_path / "rk")
+    process_pickle.main(dump_args(ws["paths"], "--model_name", "m", "--output_dir", rk))
+    out = tmp_path / "out"
+    argv = ["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", os.path.join(rk, "m-l1_ranking.csv"),
+            "--lp1", "--lp1_approx", "--clust_rand", "--output_dir", str(out)]
+    script = (
+        "import os, signal, sys, data, subset\n"
+        "real, n = data.write_subset, [0]\n"
+        "def write(path, text):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 10:\n"
+        "        with open(path + '.partial', 'w') as f: f.write(text[:100])\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(path, text)\n"
+        "data.write_subset = write\n"
+        "subset.main(sys.argv[1:])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    top = os.listdir(out)
+    assert len(top) == 1 and top[0].startswith(".subset-") and top[0].endswith(".tmp"), top
+    assert len(os.listdir(out / top[0])) == 10   # 9 finished files + the partial 10th, all hidden in the folder
