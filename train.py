@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -360,21 +361,128 @@ def build_trainer(model, tokenizer, train_data: SupervisedData, training_args: T
     )
 
 
+def _safetensors_intact(path: str) -> bool:
+    """A .safetensors file is whole when its size is 8 + header + the end of its last tensor."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return os.path.getsize(path) == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return False
+
+
+def checkpoint_problem(folder: str, save_only_model: bool = False) -> str | None:
+    """Why ``folder`` (a Trainer checkpoint-N) cannot be resumed from, or None when it is complete.
+
+    transformers 5's Trainer._save_checkpoint writes, in this order: the model (save_model: weights,
+    config, tokenizer, training_args.bin), the optimizer and scheduler (optimizer.pt/scheduler.pt, or
+    FSDP's optimizer_0/ or DeepSpeed's global_stepN/), the scaler, the RNG state (rng_state[_R].pth,
+    one per process), and trainer_state.json LAST, with plain non-atomic writes. A process killed
+    during a save therefore leaves files that are missing, empty or cut short. Complete means:
+    trainer_state.json parses and names step N; model weights, optimizer, scheduler and RNG state
+    are present (without --save_only_model); and no file is empty or cut short (torch files are zip
+    archives whose directory is written last; a .safetensors file's size follows from its header)."""
+    import zipfile
+
+    m = re.search(r"-(\d+)$", os.path.basename(os.path.normpath(folder)))
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+            step = json.load(f)["global_step"]
+    except FileNotFoundError:
+        return "no trainer_state.json (the Trainer writes it last: the save was interrupted)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable (cut short?)"
+    if m and step != int(m.group(1)):
+        return f"its trainer_state.json is for step {step}"
+    names = set(os.listdir(folder))
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if os.path.getsize(path) == 0:
+                return f"{rel} is empty"
+            if name.endswith(".safetensors") and not _safetensors_intact(path):
+                return f"{rel} is cut short"
+            if name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(path):
+                return f"{rel} is cut short"
+    deepspeed = any(n.startswith("global_step") for n in names)
+    for n in names:  # sharded (distributed checkpoint) folders: .metadata is written after the shards
+        if n.startswith(("pytorch_model_fsdp", "optimizer_")) and os.path.isdir(os.path.join(folder, n)) \
+                and not os.path.isfile(os.path.join(folder, n, ".metadata")):
+            return f"{n}/ has no .metadata"
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index in names:
+            try:
+                with open(os.path.join(folder, index), encoding="utf-8") as f:
+                    shards = set(json.load(f)["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError):
+                return f"{index} is unreadable"
+            if shards - names:
+                return f"{sorted(shards - names)[0]} (listed in {index}) is missing"
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+    if not (names & set(weights) or deepspeed or any(n.startswith("pytorch_model_fsdp") for n in names)):
+        return "no model weights"
+    if save_only_model:
+        return None
+    if not (deepspeed or names & {"optimizer.pt", "optimizer.bin"} or any(n.startswith("optimizer_") for n in names)):
+        return "no optimizer state"
+    if not deepspeed and "scheduler.pt" not in names:
+        return "no scheduler.pt"
+    if not any(re.fullmatch(r"rng_state(_\d+)?\.pth", n) for n in names):
+        return "no rng_state.pth"
+    return None
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """checkpoint-N folders of ``output_dir``, newest (highest N) first."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    return sort_checkpoints(output_dir)[::-1] if os.path.isdir(output_dir) else []
+
+
+def _newest_complete(output_dir: str, save_only_model: bool) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest complete checkpoint or None, [(newer incomplete checkpoint, why), ...])."""
+    skipped = []
+    for c in _checkpoints(output_dir):
+        why = checkpoint_problem(c, save_only_model)
+        if why is None:
+            return c, skipped
+        skipped.append((c, why))
+    return None, skipped
+
+
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """--resume_from_checkpoint: a checkpoint folder, or "last"/"true" for the newest
-    checkpoint-N in --output_dir. Returns the folder (or None)."""
+    """--resume_from_checkpoint: a checkpoint folder, or "last"/"true" for the newest COMPLETE
+    checkpoint-N in --output_dir (see checkpoint_problem: a run killed while saving leaves a partial
+    one, which is skipped with a one-line note). An explicit incomplete checkpoint is a UserError
+    naming the newest complete one. Returns the folder (or None)."""
     value = training_args.resume_from_checkpoint
     if value is None or value == "":
         return None
+    save_only = bool(getattr(training_args, "save_only_model", False))
     if str(value).lower() in ("last", "true"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        out = training_args.output_dir
+        if not _checkpoints(out):
+            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {out}")
+        last, skipped = _newest_complete(out, save_only)
+        gone = "; ".join(f"{os.path.basename(c)}: {why}" for c, why in skipped)
         if last is None:
-            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {training_args.output_dir}")
+            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint in {out} ({gone})")
+        if skipped:
+            notice(f"note: skipping incomplete {gone}; resuming from {last}")
         return last
     if not os.path.isdir(value):
         raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    why = checkpoint_problem(value, save_only)
+    if why is not None:
+        newest, _ = _newest_complete(os.path.dirname(os.path.normpath(value)), save_only)
+        hint = f"the newest complete one is {newest}" if newest else "there is no complete checkpoint beside it"
+        raise UserError(f"--resume_from_checkpoint {value} is incomplete ({why}); {hint}")
     return value
 
 
