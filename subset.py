@@ -48,6 +48,8 @@ Beyond the paper (defaults stay faithful):
                         them out (files get a "-notrunc" suffix). Their number is always reported.
 Every run prints, per split, the records kept and their share of the dataset; (b) warns when the
 achieved share is far from --percentage (p from 41 to 66 gives k = 2, i.e. 50%; 67 to 100 gives 100%).
+(b) checks the dumps against the manifest.json that dump_pplxs.py writes beside them, as process_pickle.py
+does: one run, of --dataset, whole epochs in order (manifest.check_dumps); the paper's bare dumps pass.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ r"""Step 4: fine-tune the large (target) model on the chosen subset with the Hug
         --output_dir runs/target-ft --num_train_epochs 1 --max_steps 60 --per_device_train_batch_size 4 \
         --learning_rate 1e-3 --logging_steps 10 --save_strategy steps --save_steps 30
 
-    # continue an interrupted run from its last checkpoint in --output_dir (or give a checkpoint folder)
+    # continue an interrupted run from its newest complete checkpoint in --output_dir (or give a checkpoint
+    # folder); a checkpoint left half-written by a kill is skipped with a note (checkpoint_problem)
     python train.py ... --resume_from_checkpoint last
 
 Records are Alpaca records (instruction, input, output; JSON list or JSONL, optionally .gz) or
@@ -94,7 +95,8 @@ class TrainingArguments(transformers.TrainingArguments):
     resume_from_checkpoint: str | None = field(
         default=None,  # None: start from --model_name_or_path
         metadata={"help": "Continue an interrupted run: a checkpoint-N folder, or 'last' for the newest "
-                          "checkpoint-N in --output_dir (model, optimizer, scheduler, RNG and data position)."},
+                          "complete checkpoint-N in --output_dir (model, optimizer, scheduler, RNG and data position); "
+                          "one that a killed run left half-written is skipped, with a note."},
     )
     model_max_length: int = field(
         default=512,  # tokens; the paper's value (prompt + response, longer sequences are truncated)
@@ -361,6 +363,9 @@ def build_trainer(model, tokenizer, train_data: SupervisedData, training_args: T
     )
 
 
+STATE_FILES = (".pt", ".pth", ".bin", ".safetensors", ".json", ".distcp")  # never empty when whole
+
+
 def _safetensors_intact(path: str) -> bool:
     """A .safetensors file is whole when its size is 8 + header + the end of its last tensor."""
     import struct
@@ -403,7 +408,7 @@ def checkpoint_problem(folder: str, save_only_model: bool = False) -> str | None
         for name in sorted(files):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, folder)
-            if os.path.getsize(path) == 0:
+            if name.endswith(STATE_FILES) and os.path.getsize(path) == 0:
                 return f"{rel} is empty"
             if name.endswith(".safetensors") and not _safetensors_intact(path):
                 return f"{rel} is cut short"

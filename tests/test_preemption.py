@@ -212,7 +212,7 @@ def test_dump_pplxs_killed_while_saving_a_checkpoint(tiny_opt, dataset, uninterr
 
 
 @pytest.mark.slow
-def test_dump_pplxs_killed_while_writing_a_dump(tiny_opt, dataset, uninterrupted, tmp_path):
+def test_dump_pplxs_killed_while_writing_a_dump(tiny_opt, dataset, uninterrupted, tmp_path, capfd):
     """Killed half-way through writing epoch-1.pkl: no cut-short dump is visible (only atomic_write's
     temporary file); resumed with `last` (checkpoint-2) the dumps equal an uninterrupted run's."""
     argv = _dump_argv(tiny_opt, dataset, tmp_path)
@@ -221,13 +221,19 @@ def test_dump_pplxs_killed_while_writing_a_dump(tiny_opt, dataset, uninterrupted
     visible = sorted(n for n in os.listdir(dumps) if not n.startswith("."))
     assert visible == ["epoch-pre.pkl", "manifest.json"]
     assert [n for n in os.listdir(dumps) if n.startswith(".epoch-1.pkl.")]  # the half-written temporary file
-    run_id = manifest.read_manifest(str(dumps))["run_id"]
     _assert_dumps_equal(dumps, uninterrupted, ["epoch-pre.pkl"])
+    # as if the run had been started by a version without manifests: its dumps are adopted on resume
+    os.remove(dumps / "manifest.json")
+    capfd.readouterr()
     dump_pplxs.main(argv + ["--resume_from_checkpoint", "last"])
+    m = manifest.read_manifest(str(dumps))
+    assert f"note: {dumps} has no manifest.json: its dumps epoch-pre.pkl are taken as this run's (run {m['run_id']})" \
+        in capfd.readouterr().err
     names = ["epoch-pre.pkl", "epoch-1.pkl", "epoch-2.pkl"]
     assert sorted(os.listdir(dumps)) == sorted([*names, "manifest.json"])  # the temporary file is removed
     _assert_dumps_equal(dumps, uninterrupted, names)
-    _assert_one_run(dumps, run_id, names)
+    _assert_one_run(dumps, m["run_id"], names)
+    assert [n for n in names if m["files"][n].get("adopted")] == ["epoch-pre.pkl"]
 
 
 @pytest.mark.slow
