@@ -392,6 +392,7 @@ def _make_callback_class():
             self.written: list[str] = []
             self.manifest: dict | None = None  # set by main() on global rank 0: the run's manifest.json
             self.replace: list[str] = []  # files of the run that --overwrite_dumps replaces (rank 0 removes them)
+            self.ended = False  # resumed from a checkpoint at the run's last step
 
         def attach(self, trainer):
             self.trainer = trainer
@@ -481,23 +482,29 @@ def _make_callback_class():
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._tidy()
+            self.ended = False
             if state.global_step == 0:
                 self._dump_and_record("pre", state)
                 return
             # resuming: epoch-pre.pkl was written by the first run and the model has changed since,
-            # so it is kept. If the checkpoint sits exactly at an epoch end (checkpoint saved, then the
-            # run died before its dump was recorded in the manifest), that epoch's dump is written now
-            # from the same weights.
+            # so it is kept. If the checkpoint sits exactly at an epoch end, or at the run's last step
+            # (checkpoint saved, then the run died before its dump was recorded in the manifest), that
+            # dump is written now from the same weights.
             epoch = state.epoch or 0.0
-            k = int(round(epoch))
-            if k >= 1 and abs(epoch - k) < 1e-9:
-                name = dump_name(k)
+            self.ended = 0 < state.max_steps <= state.global_step
+            if is_whole_epoch(epoch):
+                epoch = int(round(epoch))
+            if (epoch != 0 and is_whole_epoch(epoch)) or self.ended:
+                name = dump_name(epoch)
                 done = (name in self.manifest["files"] if self.manifest is not None
                         else os.path.exists(os.path.join(self.dump_args.dump_dir, name)))
                 if self._rank0_says(not done):
-                    self._dump_and_record(k, state)
+                    self._dump_and_record(epoch, state)
 
         def on_epoch_end(self, args, state, control, **kwargs):
+            if self.ended:  # resumed from the last step: the Trainer still runs one more step, with lr 0
+                logger.warning("training had already ended at the checkpoint resumed: no further dump")
+                return
             epoch = state.epoch
             if not is_whole_epoch(epoch):
                 logger.warning("training stopped %.4f epochs in (--max_steps or a fractional --num_train_epochs): "

@@ -19,13 +19,13 @@ Folders without a manifest (the paper's released dumps) are read as before, unch
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import time
 import uuid
 
+from clustering import file_sha256 as sha256_file  # the project's one sha256 of a file
 from utils import UserError, atomic_write
 
 MANIFEST_NAME = "manifest.json"
@@ -33,14 +33,6 @@ FORMAT = 1
 DUMP_FILE = re.compile(r"epoch-(pre|\d+|\d+\.\d+-partial)\.pkl")  # dump_pplxs.dump_name's names
 # settings that change the perplexities: a resumed run must use the same ones
 RESUME_MUST_MATCH = ("model", "tokenizer", "model_max_length", "pplx_denominator", "seed")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def now() -> str:

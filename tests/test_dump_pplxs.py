@@ -98,6 +98,27 @@ def test_partial_last_epoch_never_replaces_a_whole_epoch(flags, partial, epoch, 
                                                                "epoch1": str(d / partial)})
 
 
+@pytest.mark.slow
+def test_resume_at_the_last_step_writes_the_missed_partial_dump(tiny_llama, tiny_dataset, tmp_path):
+    """Killed right after the checkpoint of the last step (4 of --max_steps 4, 1.33 epochs), before the
+    partial dump: the resumed run writes it from that checkpoint, under the same name and with the same
+    values as an uninterrupted run (the Trainer then runs one more step, at lr 0, which is not dumped)."""
+    ckpt = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dump_pplxs.main(_argv(tiny_llama, tiny_dataset, tmp_path / "a", 1, *ckpt))
+    b_argv = _argv(tiny_llama, tiny_dataset, tmp_path / "b", 1, *ckpt)
+    with pytest.raises(_Killed):
+        dump_pplxs.main(b_argv, callbacks=[_killer("save", 4)])
+    a, b = tmp_path / "a" / "dumps", tmp_path / "b" / "dumps"
+    assert _files(b) == ["epoch-1.pkl", "epoch-pre.pkl", "manifest.json"]
+    written = dump_pplxs.main(b_argv + ["--resume_from_checkpoint", "last"])
+    assert [os.path.basename(p) for p in written] == ["epoch-1.33-partial.pkl"]
+    assert _files(b) == _files(a) == ["epoch-1.33-partial.pkl", "epoch-1.pkl", "epoch-pre.pkl", "manifest.json"]
+    np.testing.assert_allclose(load_pplxs(b / "epoch-1.33-partial.pkl"), load_pplxs(a / "epoch-1.33-partial.pkl"),
+                               rtol=1e-6, atol=0)
+
+
 def test_fresh_run_refuses_another_runs_dumps(tiny_llama, tiny_dataset, tmp_path):
     """A dump folder holding dumps without a manifest, or another run's: a fresh run stops before
     loading anything (the old code warned and mixed them); nothing is touched."""
