@@ -477,7 +477,8 @@ def _make_callback_class():
             self.replace = []
             for name in os.listdir(d):
                 target = name[1:].rsplit(".", 2)[0]
-                if name.endswith(".tmp") and (manifest.DUMP_FILE.fullmatch(target) or target == manifest.MANIFEST_NAME):
+                if name.startswith(".") and name.endswith(".tmp") and (
+                        manifest.DUMP_FILE.fullmatch(target) or target == manifest.MANIFEST_NAME):
                     os.remove(os.path.join(d, name))
 
         def on_train_begin(self, args, state, control, **kwargs):
