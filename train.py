@@ -380,7 +380,7 @@ def _safetensors_intact(path: str) -> bool:
         return False
 
 
-def checkpoint_problem(folder: str, save_only_model: bool = False) -> str | None:
+def checkpoint_problem(folder: str, save_only_model: bool = False, world_size: int = 1) -> str | None:
     """Why ``folder`` (a Trainer checkpoint-N) cannot be resumed from, or None when it is complete.
 
     transformers 5's Trainer._save_checkpoint writes, in this order: the model (save_model: weights,
@@ -389,8 +389,9 @@ def checkpoint_problem(folder: str, save_only_model: bool = False) -> str | None
     one per process), and trainer_state.json LAST, with plain non-atomic writes. A process killed
     during a save therefore leaves files that are missing, empty or cut short. Complete means:
     trainer_state.json parses and names step N; model weights, optimizer, scheduler and RNG state
-    are present (without --save_only_model); and no file is empty or cut short (torch files are zip
-    archives whose directory is written last; a .safetensors file's size follows from its header)."""
+    are present (without --save_only_model; RNG states of processes 0..world_size-1 when the checkpoint
+    has one per process); and no file is empty or cut short (torch files are zip archives whose
+    directory is written last; a .safetensors file's size follows from its header)."""
     import zipfile
 
     m = re.search(r"-(\d+)$", os.path.basename(os.path.normpath(folder)))
@@ -440,6 +441,10 @@ def checkpoint_problem(folder: str, save_only_model: bool = False) -> str | None
         return "no scheduler.pt"
     if not any(re.fullmatch(r"rng_state(_\d+)?\.pth", n) for n in names):
         return "no rng_state.pth"
+    if "rng_state.pth" not in names:  # one per process: a process killed before writing its own
+        lost = [f"rng_state_{r}.pth" for r in range(world_size) if f"rng_state_{r}.pth" not in names]
+        if lost:
+            return f"no {lost[0]}"
     return None
 
 
@@ -450,11 +455,11 @@ def _checkpoints(output_dir: str) -> list[str]:
     return sort_checkpoints(output_dir)[::-1] if os.path.isdir(output_dir) else []
 
 
-def _newest_complete(output_dir: str, save_only_model: bool) -> tuple[str | None, list[tuple[str, str]]]:
+def _newest_complete(output_dir: str, **check) -> tuple[str | None, list[tuple[str, str]]]:
     """(newest complete checkpoint or None, [(newer incomplete checkpoint, why), ...])."""
     skipped = []
     for c in _checkpoints(output_dir):
-        why = checkpoint_problem(c, save_only_model)
+        why = checkpoint_problem(c, **check)
         if why is None:
             return c, skipped
         skipped.append((c, why))
@@ -469,12 +474,13 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     value = training_args.resume_from_checkpoint
     if value is None or value == "":
         return None
-    save_only = bool(getattr(training_args, "save_only_model", False))
+    check = {"save_only_model": bool(getattr(training_args, "save_only_model", False)),
+             "world_size": int(os.environ.get("WORLD_SIZE", "1"))}  # the processes torchrun started
     if str(value).lower() in ("last", "true"):
         out = training_args.output_dir
         if not _checkpoints(out):
             raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {out}")
-        last, skipped = _newest_complete(out, save_only)
+        last, skipped = _newest_complete(out, **check)
         gone = "; ".join(f"{os.path.basename(c)}: {why}" for c, why in skipped)
         if last is None:
             raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint in {out} ({gone})")
@@ -483,9 +489,9 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
         return last
     if not os.path.isdir(value):
         raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
-    why = checkpoint_problem(value, save_only)
+    why = checkpoint_problem(value, **check)
     if why is not None:
-        newest, _ = _newest_complete(os.path.dirname(os.path.normpath(value)), save_only)
+        newest, _ = _newest_complete(os.path.dirname(os.path.normpath(value)), **check)
         hint = f"the newest complete one is {newest}" if newest else "there is no complete checkpoint beside it"
         raise UserError(f"--resume_from_checkpoint {value} is incomplete ({why}); {hint}")
     return value

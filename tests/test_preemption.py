@@ -83,6 +83,20 @@ def test_checkpoint_problem_save_only_model(tmp_path):
     assert train.checkpoint_problem(c) == "no optimizer state"
 
 
+def test_checkpoint_problem_one_rng_state_per_process(tmp_path, monkeypatch):
+    """Under torchrun every process writes its own rng_state_R.pth, and rank 0 may write
+    trainer_state.json before another rank has written its file."""
+    c = make_checkpoint(str(tmp_path), 4)
+    os.rename(os.path.join(c, "rng_state.pth"), os.path.join(c, "rng_state_0.pth"))
+    assert train.checkpoint_problem(c, world_size=1) is None
+    assert train.checkpoint_problem(c, world_size=2) == "no rng_state_1.pth"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="no rng_state_1.pth"):
+        train.resolve_resume(_targs(tmp_path, c))
+    torch.save({}, os.path.join(c, "rng_state_1.pth"))
+    assert train.resolve_resume(_targs(tmp_path, c)) == c
+
+
 def _targs(out, value):
     return SimpleNamespace(output_dir=str(out), resume_from_checkpoint=value, save_only_model=False)
 
@@ -97,8 +111,9 @@ def test_resolve_resume_skips_incomplete_checkpoints(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "skipping incomplete checkpoint-12: no trainer_state.json" in err and ok in err
     with pytest.raises(UserError, match=r"checkpoint-12 is incomplete \(no trainer_state.json.*newest complete one is "
-                                        rf"{ok}$"):
+                                        rf"{ok}$") as e:
         train.resolve_resume(_targs(tmp_path, bad))
+    assert "\n" not in str(e.value)  # one line
     assert train.resolve_resume(_targs(tmp_path, ok)) == ok
     for c in (ok, os.path.join(tmp_path, "checkpoint-2")):
         os.remove(os.path.join(c, "scheduler.pt"))
