@@ -37,9 +37,20 @@ in float32 from the model's logits. Scoring is fast and exact:
 The result does not depend on the token budget, the record order or the number of processes
 (within 1e-5 relative in float32).
 
-Resuming (--resume_from_checkpoint) keeps the dumps already written: epoch-pre.pkl is not
-recomputed (the model has changed), and an epoch dump missed because the run died right after
-an end-of-epoch checkpoint is written from that checkpoint.
+A partial last epoch (training stopped by --max_steps or a fractional --num_train_epochs) is dumped
+as ``epoch-{E:.2f}-partial.pkl`` (e.g. epoch-2.33-partial.pkl; cut, not rounded): it never replaces a
+whole epoch's dump, and process_pickle.py / subset.py refuse it.
+
+``{dump_dir}/manifest.json`` (manifest.py) records the run (a run id), the dataset (path, sha256,
+record count), model, tokenizer, model_max_length, denominator, logits mode, world size, seed,
+package versions, and per dump its epoch, run, step and sha256; global rank 0 rewrites it atomically
+after each dump. A fresh run refuses a --dump_dir holding another run's dumps unless
+--overwrite_dumps (which removes them); process_pickle.py and subset.py check the dumps against it.
+
+Resuming (--resume_from_checkpoint) continues the same run (same run id) and keeps the dumps already
+written: epoch-pre.pkl is not recomputed (the model has changed), and an epoch dump missed because
+the run died right after an end-of-epoch checkpoint is written from that checkpoint. "last" takes
+the newest COMPLETE checkpoint (a run killed while saving leaves a partial one: train.resolve_resume).
 """
 
 from __future__ import annotations
@@ -89,6 +100,12 @@ class DumpArguments:
         default="scored",
         metadata={"choices": list(LOGITS_MODES), "help": "'scored': project to the vocabulary only at the scored positions (fast, same result); "
                           "'all': full logits at every position, as the paper does (slower, for checking)."},
+    )
+
+    overwrite_dumps: bool = field(
+        default=False,  # False: a fresh run refuses a --dump_dir holding another run's dumps
+        metadata={"help": "A fresh run into a --dump_dir that holds another run's dumps stops with an error (they "
+                          "would mix); with this flag it removes that run's dumps and manifest.json first."},
     )
 
     def __post_init__(self):
@@ -342,8 +359,23 @@ def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int 
 # The callback: one dump routine, before training and after every epoch
 
 
+def is_whole_epoch(epoch: float) -> bool:
+    return abs(epoch - round(epoch)) < 1e-6
+
+
 def dump_name(epoch) -> str:
-    return "epoch-pre.pkl" if epoch == "pre" else f"epoch-{epoch}.pkl"
+    """File name of the dump taken before training ("pre"), after whole epoch k, or after a partial last
+    epoch (training stopped by --max_steps or a fractional --num_train_epochs): that one gets a name of
+    its own, the epoch cut (not rounded) to 2 decimals, so it never replaces a whole epoch's dump.
+
+        >>> [dump_name(e) for e in ("pre", 2, 2.0, 7 / 3, 0.5, 2.999)]
+        ['epoch-pre.pkl', 'epoch-2.pkl', 'epoch-2.pkl', 'epoch-2.33-partial.pkl', 'epoch-0.50-partial.pkl', 'epoch-2.99-partial.pkl']
+    """
+    if epoch == "pre":
+        return "epoch-pre.pkl"
+    if is_whole_epoch(epoch):
+        return f"epoch-{round(epoch)}.pkl"
+    return f"epoch-{math.floor(epoch * 100 + 1e-9) / 100:.2f}-partial.pkl"
 
 
 def _make_callback_class():
@@ -358,6 +390,9 @@ def _make_callback_class():
             self.dump_args = dump_args
             self.trainer = None  # set by attach(); gives the (wrapped) model, accelerator and ranks
             self.written: list[str] = []
+            self.manifest: dict | None = None  # set by main() on global rank 0: the run's manifest.json
+            self.replace: list[str] = []  # files of the run that --overwrite_dumps replaces (rank 0 removes them)
+            self.ended = False  # resumed from a checkpoint at the run's last step
 
         def attach(self, trainer):
             self.trainer = trainer
@@ -407,25 +442,77 @@ def _make_callback_class():
                 if len(finite) != len(pplxs):
                     logger.warning("%s: %d perplexities are not finite", path, len(pplxs) - len(finite))
 
+        def record(self, epoch, state):
+            """Right after dump(epoch): add the file to the run's manifest.json (rank 0, atomically)."""
+            if self.manifest is None or self._dist()[0] != 0:
+                return
+            import manifest
+
+            path = os.path.join(self.dump_args.dump_dir, dump_name(epoch))
+            m = self.manifest
+            m["files"][os.path.basename(path)] = manifest.file_entry(
+                path, epoch, m["run_id"], partial=epoch != "pre" and not is_whole_epoch(epoch),
+                global_step=state.global_step, n_records=len(self.data), world_size=m["world_size"],
+                pplx_logits=self.dump_args.pplx_logits)
+            manifest.write_manifest(self.dump_args.dump_dir, m)
+
+        def _dump_and_record(self, epoch, state):
+            self.dump(epoch)
+            self.record(epoch, state)
+
+        def _tidy(self):
+            """Rank 0, before the first dump: remove the files --overwrite_dumps replaces, and the
+            temporary files of a dump that a killed process left behind (the dumps themselves are
+            renamed into place whole, so a kill never leaves a cut-short epoch-*.pkl)."""
+            import manifest
+
+            d = self.dump_args.dump_dir
+            if self._dist()[0] != 0 or not os.path.isdir(d):
+                return
+            for name in self.replace:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(d, name))
+            if self.replace:
+                logger.warning("--overwrite_dumps: removed %s from %s", ", ".join(self.replace), d)
+            self.replace = []
+            for name in os.listdir(d):
+                target = name[1:].rsplit(".", 2)[0]
+                if name.startswith(".") and name.endswith(".tmp") and (
+                        manifest.DUMP_FILE.fullmatch(target) or target == manifest.MANIFEST_NAME):
+                    os.remove(os.path.join(d, name))
+
         def on_train_begin(self, args, state, control, **kwargs):
+            self._tidy()
+            self.ended = False
             if state.global_step == 0:
-                self.dump("pre")
+                self._dump_and_record("pre", state)
                 return
             # resuming: epoch-pre.pkl was written by the first run and the model has changed since,
-            # so it is kept. If the checkpoint sits exactly at an epoch end (checkpoint saved, then the
-            # run died before its dump), that epoch's dump is written now from the same weights.
+            # so it is kept. If the checkpoint sits exactly at an epoch end, or at the run's last step
+            # (checkpoint saved, then the run died before its dump was recorded in the manifest), that
+            # dump is written now from the same weights.
             epoch = state.epoch or 0.0
-            k = int(round(epoch))
-            missing = (k >= 1 and abs(epoch - k) < 1e-9
-                       and not os.path.exists(os.path.join(self.dump_args.dump_dir, dump_name(k))))
-            if self._rank0_says(missing):
-                self.dump(k)
+            self.ended = 0 < state.max_steps <= state.global_step
+            if is_whole_epoch(epoch):
+                epoch = int(round(epoch))
+            if (epoch != 0 and is_whole_epoch(epoch)) or self.ended:
+                name = dump_name(epoch)
+                done = (name in self.manifest["files"] if self.manifest is not None
+                        else os.path.exists(os.path.join(self.dump_args.dump_dir, name)))
+                if self._rank0_says(not done):
+                    self._dump_and_record(epoch, state)
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            k = int(round(state.epoch))
-            if abs(state.epoch - k) > 1e-6:
-                logger.warning("epoch ended at a fractional epoch %.4f (max_steps?): dumping as epoch-%d", state.epoch, k)
-            self.dump(k)
+            if self.ended:  # resumed from the last step: the Trainer still runs one more step, with lr 0
+                logger.warning("training had already ended at the checkpoint resumed: no further dump")
+                return
+            epoch = state.epoch
+            if not is_whole_epoch(epoch):
+                logger.warning("training stopped %.4f epochs in (--max_steps or a fractional --num_train_epochs): "
+                               "the partial last epoch is dumped as %s, not as a whole epoch", epoch, dump_name(epoch))
+            else:
+                epoch = int(round(epoch))
+            self._dump_and_record(epoch, state)
 
     return PerplexityDumpCallback
 
@@ -449,6 +536,49 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _start_manifest(data_args, training_args, dump_args, ckpt) -> dict:
+    """Global rank 0, before loading anything: check --dump_dir against the run. A fresh run refuses a
+    folder holding another run's dumps (unless --overwrite_dumps, which replaces them); a resumed run
+    continues the run recorded there (same --output_dir, same dataset) under the same run id."""
+    import manifest
+
+    d = dump_args.dump_dir
+    dataset = {"path": os.path.abspath(data_args.data_path), "sha256": manifest.sha256_file(data_args.data_path)}
+    old = manifest.read_manifest(d)
+    if ckpt is None:
+        replace = manifest.check_fresh_dump_dir(d, dump_args.overwrite_dumps)
+        return {"replace": replace, "dataset": dataset}
+    manifest.check_resume(old, d, ckpt, dataset)
+    return {"old": old, "replace": [], "dataset": dataset}
+
+
+def _settle_manifest(run, data, tokenizer, model_args, training_args, dump_args) -> tuple[dict, list[str]]:
+    """The run's manifest (dataset, model, settings, versions) and the files to replace; a resumed run
+    keeps its run id and files and must have the settings its dumps were made with."""
+    import manifest
+    import train
+
+    settings = {"model": model_args.model_name_or_path, "tokenizer": tokenizer.name_or_path,
+                "model_max_length": training_args.model_max_length, "pplx_denominator": dump_args.pplx_denominator,
+                "pplx_logits": dump_args.pplx_logits, "seed": training_args.seed}
+    old = run.get("old")
+    manifest.check_settings(old, settings, dump_args.dump_dir)
+    m = old if old is not None else {"format": manifest.FORMAT, "run_id": manifest.new_run_id(),
+                                     "started": manifest.now(), "files": {}}
+    m.update(output_dir=os.path.abspath(training_args.output_dir), dataset={**run["dataset"], "n_records": len(data)},
+             settings=settings, world_size=training_args.world_size, versions=manifest.package_versions())
+    if old is None and training_args.resume_from_checkpoint:  # resuming a run made before manifests existed
+        for name in manifest.dump_files(dump_args.dump_dir):
+            label = name[len("epoch-"):-len(".pkl")].removesuffix("-partial")
+            epoch = label if label == "pre" else float(label) if "." in label else int(label)
+            m["files"][name] = manifest.file_entry(os.path.join(dump_args.dump_dir, name), epoch, m["run_id"],
+                                                   partial=isinstance(epoch, float), adopted=True)
+        if m["files"]:
+            train.notice(f"note: {dump_args.dump_dir} has no manifest.json: its dumps {', '.join(m['files'])} are "
+                         f"taken as this run's (run {m['run_id']})")
+    return m, run["replace"]
+
+
 def main(args=None, callbacks: Sequence = ()):
     """Train as train.py does and dump the perplexities. ``args``: argv list or parse_args() tuple;
     ``callbacks``: extra TrainerCallbacks (tests use one to kill a run mid-epoch)."""
@@ -463,12 +593,10 @@ def main(args=None, callbacks: Sequence = ()):
             f"--val_data_path {dump_args.val_data_path} differs from --data_path {data_args.data_path}: the "
             "perplexities are those of the training records (as in the paper); pass the same file or omit it"
         )
-    ckpt = train.resolve_resume(training_args)  # a checkpoint folder, or "last" in --output_dir
-    if ckpt is None and os.path.isdir(dump_args.dump_dir):
-        stale = sorted(f for f in os.listdir(dump_args.dump_dir) if f.startswith("epoch-") and f.endswith(".pkl"))
-        if stale and train.is_main_rank():
-            logger.warning("%s already holds %s from an earlier run: a fresh run overwrites the dumps it writes",
-                           dump_args.dump_dir, ", ".join(stale))
+    ckpt = train.resolve_resume(training_args)  # the newest complete checkpoint for "last"
+    if ckpt is not None:
+        training_args.resume_from_checkpoint = ckpt  # resolved once: fit() gets the folder
+    run = _start_manifest(data_args, training_args, dump_args, ckpt) if train.is_main_rank() else None
     dumper = None
 
     def add_dumper(trainer, data, tokenizer):
@@ -477,6 +605,9 @@ def main(args=None, callbacks: Sequence = ()):
             train.notice(f"warning: {fmt_share(data.n_fully_truncated, len(data))} are fully truncated: their "
                          "perplexity is dumped as 1.0 (as in the paper)")
         dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
+        if run is not None:
+            dumper.manifest, dumper.replace = _settle_manifest(run, data, tokenizer, model_args, training_args,
+                                                               dump_args)
         for cb in (dumper, *callbacks):
             trainer.add_callback(cb)
 

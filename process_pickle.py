@@ -28,7 +28,10 @@ Records with perplexity exactly 1.0 in every dump look fully truncated (no respo
 they get LP(1) = 0 and look "hardest": their number is reported (subset.py --exclude_truncated).
 
 Every input is checked: pickles are loaded without running code, and the dataset, the clustering and
-the four dumps must have the same length (the paper's code silently misaligned).
+the four dumps must have the same length (the paper's code silently misaligned). Dumps written by
+dump_pplxs.py have a manifest.json beside them: then all four must be listed in it unchanged, come from
+one run and from --dataset (sha256, record count), and none may be a partial last epoch (manifest.py).
+The paper's released dumps (no manifest) load as before.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 import data
 from clustering import load_clustering
 from data import alpaca_text
+from manifest import check_dumps
 from utils import (
     UserError,
     atomic_write,
@@ -93,6 +97,7 @@ def load_inputs(dataset: str, epochs: dict[str, str | None], clustering: str | N
     if clustering:
         lengths[f"{clustering} (--clustering)"] = len(cluster)
     check_lengths(lengths)
+    check_dumps(dataset, len(records), {name: path for name, path in epochs.items() if path})  # manifests, if any
     return records, pplxs, cluster
 
 

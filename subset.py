@@ -51,6 +51,8 @@ Every run prints, per split, the records kept and their share of the dataset; (b
 achieved share is far from --percentage (p from 41 to 66 gives k = 2, i.e. 50%; 67 to 100 gives 100%).
 All files or none: a run's files are written into a hidden folder inside --output_dir and moved into place
 once all are written (see staged_outputs); an error or a kill while writing changes no file there.
+(b) checks the dumps against the manifest.json that dump_pplxs.py writes beside them, as process_pickle.py
+does: one run, of --dataset, whole epochs in order (manifest.check_dumps); the paper's bare dumps pass.
 """
 
 from __future__ import annotations

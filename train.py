@@ -17,7 +17,8 @@ r"""Step 4: fine-tune the large (target) model on the chosen subset with the Hug
         --output_dir runs/target-ft --num_train_epochs 1 --max_steps 60 --per_device_train_batch_size 4 \
         --learning_rate 1e-3 --logging_steps 10 --save_strategy steps --save_steps 30
 
-    # continue an interrupted run from its last checkpoint in --output_dir (or give a checkpoint folder)
+    # continue an interrupted run from its newest complete checkpoint in --output_dir (or give a checkpoint
+    # folder); a checkpoint left half-written by a kill is skipped with a note (checkpoint_problem)
     python train.py ... --resume_from_checkpoint last
 
 Records are Alpaca records (instruction, input, output; JSON list or JSONL, optionally .gz) or
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -115,7 +117,8 @@ class TrainingArguments(transformers.TrainingArguments):
     resume_from_checkpoint: str | None = field(
         default=None,  # None: start from --model_name_or_path
         metadata={"help": "Continue an interrupted run: a checkpoint-N folder, or 'last' for the newest "
-                          "checkpoint-N in --output_dir (model, optimizer, scheduler, RNG and data position)."},
+                          "complete checkpoint-N in --output_dir (model, optimizer, scheduler, RNG and data position); "
+                          "one that a killed run left half-written is skipped, with a note."},
     )
     model_max_length: int = field(
         default=512,  # tokens; the paper's value (prompt + response, longer sequences are truncated)
@@ -382,21 +385,137 @@ def build_trainer(model, tokenizer, train_data: SupervisedData, training_args: T
     )
 
 
+STATE_FILES = (".pt", ".pth", ".bin", ".safetensors", ".json", ".distcp")  # never empty when whole
+
+
+def _safetensors_intact(path: str) -> bool:
+    """A .safetensors file is whole when its size is 8 + header + the end of its last tensor."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return os.path.getsize(path) == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return False
+
+
+def checkpoint_problem(folder: str, save_only_model: bool = False, world_size: int = 1) -> str | None:
+    """Why ``folder`` (a Trainer checkpoint-N) cannot be resumed from, or None when it is complete.
+
+    transformers 5's Trainer._save_checkpoint writes, in this order: the model (save_model: weights,
+    config, tokenizer, training_args.bin), the optimizer and scheduler (optimizer.pt/scheduler.pt, or
+    FSDP's optimizer_0/ or DeepSpeed's global_stepN/), the scaler, the RNG state (rng_state[_R].pth,
+    one per process), and trainer_state.json LAST, with plain non-atomic writes. A process killed
+    during a save therefore leaves files that are missing, empty or cut short. Complete means:
+    trainer_state.json parses and names step N; model weights, optimizer, scheduler and RNG state
+    are present (without --save_only_model; RNG states of processes 0..world_size-1 when the checkpoint
+    has one per process); and no file is empty or cut short (torch files are zip archives whose
+    directory is written last; a .safetensors file's size follows from its header)."""
+    import zipfile
+
+    m = re.search(r"-(\d+)$", os.path.basename(os.path.normpath(folder)))
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+            step = json.load(f)["global_step"]
+    except FileNotFoundError:
+        return "no trainer_state.json (the Trainer writes it last: the save was interrupted)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable (cut short?)"
+    if m and step != int(m.group(1)):
+        return f"its trainer_state.json is for step {step}"
+    names = set(os.listdir(folder))
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if name.endswith(STATE_FILES) and os.path.getsize(path) == 0:
+                return f"{rel} is empty"
+            if name.endswith(".safetensors") and not _safetensors_intact(path):
+                return f"{rel} is cut short"
+            if name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(path):
+                return f"{rel} is cut short"
+    deepspeed = any(n.startswith("global_step") for n in names)
+    for n in names:  # sharded (distributed checkpoint) folders: .metadata is written after the shards
+        if n.startswith(("pytorch_model_fsdp", "optimizer_")) and os.path.isdir(os.path.join(folder, n)) \
+                and not os.path.isfile(os.path.join(folder, n, ".metadata")):
+            return f"{n}/ has no .metadata"
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index in names:
+            try:
+                with open(os.path.join(folder, index), encoding="utf-8") as f:
+                    shards = set(json.load(f)["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError):
+                return f"{index} is unreadable"
+            if shards - names:
+                return f"{sorted(shards - names)[0]} (listed in {index}) is missing"
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+    if not (names & set(weights) or deepspeed or any(n.startswith("pytorch_model_fsdp") for n in names)):
+        return "no model weights"
+    if save_only_model:
+        return None
+    if not (deepspeed or names & {"optimizer.pt", "optimizer.bin"} or any(n.startswith("optimizer_") for n in names)):
+        return "no optimizer state"
+    if not deepspeed and "scheduler.pt" not in names:
+        return "no scheduler.pt"
+    if not any(re.fullmatch(r"rng_state(_\d+)?\.pth", n) for n in names):
+        return "no rng_state.pth"
+    if "rng_state.pth" not in names:  # one per process: a process killed before writing its own
+        lost = [f"rng_state_{r}.pth" for r in range(world_size) if f"rng_state_{r}.pth" not in names]
+        if lost:
+            return f"no {lost[0]}"
+    return None
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """checkpoint-N folders of ``output_dir``, newest (highest N) first."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    return sort_checkpoints(output_dir)[::-1] if os.path.isdir(output_dir) else []
+
+
+def _newest_complete(output_dir: str, **check) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest complete checkpoint or None, [(newer incomplete checkpoint, why), ...])."""
+    skipped = []
+    for c in _checkpoints(output_dir):
+        why = checkpoint_problem(c, **check)
+        if why is None:
+            return c, skipped
+        skipped.append((c, why))
+    return None, skipped
+
+
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """--resume_from_checkpoint: a checkpoint folder, or "last"/"true" for the newest
-    checkpoint-N in --output_dir. Returns the folder (or None)."""
+    """--resume_from_checkpoint: a checkpoint folder, or "last"/"true" for the newest COMPLETE
+    checkpoint-N in --output_dir (see checkpoint_problem: a run killed while saving leaves a partial
+    one, which is skipped with a one-line note). An explicit incomplete checkpoint is a UserError
+    naming the newest complete one. Returns the folder (or None)."""
     value = training_args.resume_from_checkpoint
     if value is None or value == "":
         return None
+    check = {"save_only_model": bool(getattr(training_args, "save_only_model", False)),
+             "world_size": int(os.environ.get("WORLD_SIZE", "1"))}  # the processes torchrun started
     if str(value).lower() in ("last", "true"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        out = training_args.output_dir
+        if not _checkpoints(out):
+            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {out}")
+        last, skipped = _newest_complete(out, **check)
+        gone = "; ".join(f"{os.path.basename(c)}: {why}" for c, why in skipped)
         if last is None:
-            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {training_args.output_dir}")
+            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint in {out} ({gone})")
+        if skipped:
+            notice(f"note: skipping incomplete {gone}; resuming from {last}")
         return last
     if not os.path.isdir(value):
         raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    why = checkpoint_problem(value, **check)
+    if why is not None:
+        newest, _ = _newest_complete(os.path.dirname(os.path.normpath(value)), **check)
+        hint = f"the newest complete one is {newest}" if newest else "there is no complete checkpoint beside it"
+        raise UserError(f"--resume_from_checkpoint {value} is incomplete ({why}); {hint}")
     return value
 
 

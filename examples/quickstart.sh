@@ -238,10 +238,11 @@ step clustering "step 1: cluster the records, K=$QS_CLUSTERS (clustering.py)" \
     --output_dir "$RUN/clustering"
 
 DUMPS="$RUN/dump-pplxs"
+# the step reruns from scratch, so it replaces what an interrupted earlier attempt left (--overwrite_dumps)
 step dump "step 2: train the selector $QS_SELECTOR_EPOCHS epochs, dump P0..P$QS_SELECTOR_EPOCHS (dump_pplxs.py)" \
     "$PY" dump_pplxs.py --model_name_or_path "$RUN/models/selector" --data_path "$TRAIN" --val_data_path "$TRAIN" \
     --output_dir "$RUN/selector-ft" --dump_dir "$DUMPS" --num_train_epochs "$QS_SELECTOR_EPOCHS" \
-    --learning_rate "$QS_SELECTOR_LR" "${TRAIN_FLAGS[@]}"
+    --learning_rate "$QS_SELECTOR_LR" --overwrite_dumps True "${TRAIN_FLAGS[@]}"
 
 EPOCH_ARGS=(--epoch0 "$DUMPS/epoch-pre.pkl" --epoch1 "$DUMPS/epoch-1.pkl" --epoch2 "$DUMPS/epoch-2.pkl"
             --epoch3 "$DUMPS/epoch-3.pkl")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dump_pplxs
+import manifest
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture
 from tests.conftest import ROOT, TINY_RECORDS
 from utils import SupervisedData, load_pplxs, tokenize_records
@@ -51,7 +52,9 @@ def test_paper_command_torchrun_two_processes(tiny_llama, tiny_dataset, tmp_path
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     names = ["epoch-pre.pkl", "epoch-1.pkl", "epoch-2.pkl", "epoch-3.pkl"]
-    assert sorted(os.listdir(dumps)) == sorted(names)
+    assert sorted(os.listdir(dumps)) == sorted([*names, "manifest.json"])
+    m = manifest.read_manifest(dumps)  # written by rank 0 alone: one run, 2 processes
+    assert m["world_size"] == 2 and sorted(m["files"]) == sorted(names)
     dumps_ = [load_pplxs(os.path.join(dumps, n)) for n in names]
     assert all(len(d) == len(TINY_RECORDS) for d in dumps_)
     assert os.path.isfile(tmp_path / "out" / "config.json")  # the trained model is saved too
