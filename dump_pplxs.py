@@ -540,10 +540,11 @@ def _start_manifest(data_args, training_args, dump_args, ckpt) -> dict:
     """Global rank 0, before loading anything: check --dump_dir against the run. A fresh run refuses a
     folder holding another run's dumps (unless --overwrite_dumps, which replaces them); a resumed run
     continues the run recorded there (same --output_dir, same dataset) under the same run id."""
+    import data
     import manifest
 
     d = dump_args.dump_dir
-    dataset = {"path": os.path.abspath(data_args.data_path), "sha256": manifest.sha256_file(data_args.data_path)}
+    dataset = {"path": os.path.abspath(data_args.data_path), "sha256": data.fingerprint(data_args.data_path)}
     old = manifest.read_manifest(d)
     if ckpt is None:
         replace = manifest.check_fresh_dump_dir(d, dump_args.overwrite_dumps)

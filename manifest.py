@@ -25,8 +25,9 @@ import re
 import time
 import uuid
 
-from clustering import file_sha256 as sha256_file  # the project's one sha256 of a file
+import data
 from utils import UserError, atomic_write
+from utils import file_sha256 as sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
@@ -172,7 +173,7 @@ def check_dumps(dataset: str, n_records: int, dumps: dict[str, str]) -> None:
     if len(runs) > 1:
         detail = ", ".join(f"{dumps[f]} (--{f}): run {e['run_id']}" for f, e in entries.items())
         raise UserError(f"the dumps come from different runs ({detail})")
-    digest = sha256_file(dataset)
+    digest = data.fingerprint(dataset)
     for flag in with_m:
         d = manifests[flag].get("dataset", {})
         if d.get("sha256") != digest:
