@@ -52,7 +52,7 @@ def main(model_dir, data_path, out):
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": ws, "engine_pplxs": pplxs, "engine_batches": stats.n_batches,
                    "engine_calls": engine_calls, "callback_calls": calls[0],
-                   "callback_batches": cb.last_stats.n_batches, "written": cb.written,
+                   "callback_batches": getattr(cb, "last_stats", None) and cb.last_stats.n_batches, "written": cb.written,
                    "is_fsdp_enabled": bool(trainer.is_fsdp_enabled),
                    "sharded": type(shard).__name__, "local_shard_numel": shard.to_local().numel(),
                    "full_numel": shard.numel()}, f)
