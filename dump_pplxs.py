@@ -27,13 +27,20 @@ routine before training (on_train_begin) and at the end of every epoch (on_epoch
 Perplexity of a record = exp(mean token cross-entropy over its scored (response) tokens), computed
 in float32 from the model's logits. Scoring is fast and exact:
   * no gradients, model in eval mode (train mode restored afterwards);
-  * records sorted by length into batches under a token budget (--pplx_max_tokens), dataset order
-    restored afterwards (padding is a few percent of the processed tokens, vs ~30% for the paper's
+  * records sorted by length into batches under a token budget (--pplx_max_tokens; default 1536 on
+    a CPU, on a GPU derived from the free memory and the vocabulary size), dataset order restored
+    afterwards (padding is a few percent of the processed tokens, vs ~30% for the paper's
     dataset-order batches of 4);
-  * the vocabulary projection and the loss only on the scored positions (transformers'
-    ``logits_to_keep`` boolean mask), falling back to full logits where a model does not support it;
-  * under torchrun each process scores a strided share of the batches, rank 0 gathers and writes
-    (under FSDP shorter shards run dummy batches so every process makes the same forward calls).
+  * the vocabulary projection only on the scored positions (transformers' ``logits_to_keep``
+    boolean mask), decided once per dump by a probe on one record, the same on every process; full
+    logits where a model cannot take the mask; the cross-entropy in chunks of scored positions
+    (bounded float32 memory with a 128K vocabulary);
+  * out of memory: the budget is halved on every process and the batch retried (never a reason to
+    switch to full logits); the budget used is logged;
+  * under torchrun each process scores a strided share of the batches in lockstep (one forward and
+    one small all-reduce per step on every process, a dummy batch where a share is done), so
+    engines whose forward holds collectives (FSDP, DeepSpeed ZeRO-3) never mismatch them; inputs
+    go to the Trainer's device (CPU offload keeps parameters on the CPU); rank 0 writes.
 The result does not depend on the token budget, the record order or the number of processes
 (within 1e-5 relative in float32).
 
