@@ -4,7 +4,6 @@ combined batch size; the pre-training dump equals the independent one-record-at-
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import dump_pplxs
-from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
+from tests._dump_pplxs_helpers import free_port, load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import ROOT, TINY_RECORDS
 from utils import SupervisedData, load_pplxs, tokenize_records
 
@@ -25,12 +24,6 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_N
 @pytest.fixture(autouse=True)
 def _one_thread():
     yield from one_thread_fixture()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _data(tmp_path):
@@ -70,7 +63,7 @@ def _assert_same_dumps(got, want, names, rtol):
 @pytest.mark.slow
 def test_paper_command_torchrun_two_processes(tiny_llama, tmp_path):
     data, dumps = _data(tmp_path), str(tmp_path / "dumps")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "dump_pplxs.py", *paper_flags(tiny_llama, data, str(tmp_path / "out"), dumps)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # meanwhile: one process at the combined batch size (2 x 4), same flags
@@ -101,7 +94,7 @@ def test_two_nodes_without_bf16(tiny_llama, tmp_path):
     no --bf16 (transformers then trained each process alone on every record unless use_cpu was set).
     Each node gets its own --dump_dir and --output_dir (as on nodes without shared storage): global
     rank 0 alone writes, and the dumps after training equal one process at the combined batch size."""
-    data, port = _data(tmp_path), _free_port()
+    data, port = _data(tmp_path), free_port()
 
     def flags(name, batch=4):
         return ["--model_name_or_path", tiny_llama, "--data_path", data, "--output_dir", str(tmp_path / name / "out"),

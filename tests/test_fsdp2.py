@@ -6,13 +6,12 @@ the independent one-record-at-a-time reference on the unsharded model."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
+from tests._dump_pplxs_helpers import free_port, load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import ROOT, TINY_RECORDS
 from utils import SupervisedData, load_pplxs, tokenize_records
 
@@ -20,12 +19,6 @@ from utils import SupervisedData, load_pplxs, tokenize_records
 @pytest.fixture(autouse=True)
 def _one_thread():
     yield from one_thread_fixture()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -36,7 +29,7 @@ def test_fsdp2_lockstep_engine_and_callback(tiny_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "tests/_fsdp2_worker.py", tiny_llama, str(data_path), str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]

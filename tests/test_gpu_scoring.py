@@ -4,7 +4,6 @@ the Trainer (the scoring device comes from the Trainer, not from the offloaded f
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import dump_pplxs
-from tests._dump_pplxs_helpers import load, max_rel_diff, reference_pplxs
+from tests._dump_pplxs_helpers import free_port, load, max_rel_diff, reference_pplxs
 from tests.conftest import ROOT, TINY_RECORDS
 from utils import SupervisedData, load_pplxs, tokenize_records
 
@@ -35,12 +34,6 @@ def test_bf16_scoring_on_gpu(tiny_llama):
     assert max_rel_diff(small, ref) < 1e-4  # chunked cross-entropy on the GPU
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_fsdp_cpu_offload_through_the_trainer(tiny_llama, tmp_path):
     """The paper's FSDP command with fsdp_config cpu_offload on every GPU of the machine: no crash at
@@ -49,7 +42,7 @@ def test_fsdp_cpu_offload_through_the_trainer(tiny_llama, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
     n = torch.cuda.device_count()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", _free_port(),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", free_port(),
            "dump_pplxs.py", "--model_name_or_path", tiny_llama, "--data_path", str(data), "--bf16", "True",
            "--output_dir", str(tmp_path / "out"), "--dump_dir", str(tmp_path / "dumps"), "--num_train_epochs", "1",
            "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--save_strategy", "no",
