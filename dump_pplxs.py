@@ -257,7 +257,9 @@ def default_token_budget(model, device) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     config = getattr(_unwrap(model), "config", None)
-    text = getattr(config, "get_text_config", lambda: config)()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not (hasattr(text, "vocab_size") and hasattr(text, "hidden_size")):
+        return CPU_TOKEN_BUDGET  # not a transformers model: no sizes to derive from
     return auto_token_budget(free, int(text.vocab_size), int(text.hidden_size), getattr(text, "intermediate_size", None))
 
 
@@ -467,6 +469,8 @@ def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int 
     input_ids, labels = data.input_ids, data.labels
     lengths = [len(x) for x in input_ids]
     budget = max_tokens or default_token_budget(model, device)
+    if comm is not None:  # one batch plan for all: the smallest budget (free memory differs by process)
+        budget = min(comm.gather(budget))
     batches = length_sorted_batches(lengths, budget)
     queue = [batches[b] for b in shard_batches(len(batches), rank, world_size)]
     stats = ScoreStats(max_tokens_start=budget)

@@ -116,6 +116,17 @@ def test_lockstep_unequal_shares_same_forward_calls(llama):
     assert r0[0] == r1[0] and max_rel_diff(r0[0], ref) < 1e-5
 
 
+def test_ranks_agree_on_the_default_budget(llama, monkeypatch):
+    """The GPU default budget comes from each process's free memory, which differs: the ranks must
+    still share one batch plan (the smallest budget), or records would be scored twice or never."""
+    model, tok, data, ref = llama
+    own = {"rank0": 1400, "rank1": 350}
+    monkeypatch.setattr(dump_pplxs, "default_token_budget", lambda m, d: own[threading.current_thread().name])
+    (r0, r1), _ = run_ranks(model, data, tok.pad_token_id)
+    assert r0[1].max_tokens_start == r1[1].max_tokens_start == 350
+    assert r0[0] == r1[0] and max_rel_diff(r0[0], ref) < 1e-5
+
+
 def test_oom_halves_the_budget_and_retries(llama):
     model, tok, data, ref = llama
     flaky = Flaky(model, limit=300)
