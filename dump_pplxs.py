@@ -154,13 +154,8 @@ def per_sample_loss(logits, labels, denominator: str = "nonzero"):
         >>> per_sample_loss(logits, labels, "mean").exp()      # ln2 / 2 -> sqrt(2)
         tensor([1.4142])
     """
-    import torch
-    import torch.nn.functional as F
-
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    token_loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    keep, rows, tgt = _scored(labels)
+    token_loss = token_losses(logits, keep.reshape(-1).nonzero().squeeze(1), tgt)
     return record_losses(token_loss, rows, labels.shape[0], denominator)
 
 
