@@ -27,13 +27,20 @@ routine before training (on_train_begin) and at the end of every epoch (on_epoch
 Perplexity of a record = exp(mean token cross-entropy over its scored (response) tokens), computed
 in float32 from the model's logits. Scoring is fast and exact:
   * no gradients, model in eval mode (train mode restored afterwards);
-  * records sorted by length into batches under a token budget (--pplx_max_tokens), dataset order
-    restored afterwards (padding is a few percent of the processed tokens, vs ~30% for the paper's
+  * records sorted by length into batches under a token budget (--pplx_max_tokens; default 1536 on
+    a CPU, on a GPU derived from the free memory and the vocabulary size), dataset order restored
+    afterwards (padding is a few percent of the processed tokens, vs ~30% for the paper's
     dataset-order batches of 4);
-  * the vocabulary projection and the loss only on the scored positions (transformers'
-    ``logits_to_keep`` boolean mask), falling back to full logits where a model does not support it;
-  * under torchrun each process scores a strided share of the batches, rank 0 gathers and writes
-    (under FSDP shorter shards run dummy batches so every process makes the same forward calls).
+  * the vocabulary projection only on the scored positions (transformers' ``logits_to_keep``
+    boolean mask), decided once per dump by a probe on one record, the same on every process; full
+    logits where a model cannot take the mask; the cross-entropy in chunks of scored positions
+    (bounded float32 memory with a 128K vocabulary);
+  * out of memory: the budget is halved on every process and the batch retried (never a reason to
+    switch to full logits); the budget used is logged;
+  * under torchrun each process scores a strided share of the batches in lockstep (one forward and
+    one small all-reduce per step on every process, a dummy batch where a share is done), so
+    engines whose forward holds collectives (FSDP, DeepSpeed ZeRO-3) never mismatch them; inputs
+    go to the Trainer's device (CPU offload keeps parameters on the CPU); rank 0 writes.
 The result does not depend on the token budget, the record order or the number of processes
 (within 1e-5 relative in float32).
 
@@ -84,11 +91,13 @@ class DumpArguments:
         default="./dump-pplxs",
         metadata={"help": "Folder for epoch-pre.pkl, epoch-1.pkl, ... (the paper's ./dump-pplxs)."},
     )
-    pplx_max_tokens: int = field(
-        default=1536,  # tokens per scoring batch incl. padding; ~1-2k is fastest on CPU, 16k-64k suits a GPU
+    pplx_max_tokens: int | None = field(
+        default=None,  # None: 1536 tokens on a CPU; on a GPU from free memory and vocabulary (typically 16k-64k)
         metadata={"help": "Token budget of one scoring batch (batch size x longest record, padding included). "
-                          "Records are sorted by length, so padding stays at a few percent. ~1000-2000 is fastest "
-                          "on CPU; on a GPU use as much as memory allows (e.g. 32768). Does not change the results."},
+                          "Records are sorted by length, so padding stays at a few percent. Default: 1536 on a "
+                          "CPU (fastest there); on a GPU half the free memory divided by the per-token peak "
+                          "(4 bytes x vocabulary for the logits + one layer's activations), at each dump. On "
+                          "out-of-memory the budget is halved and the batch retried. Does not change the results."},
     )
     pplx_denominator: str = field(
         default="nonzero",  # the paper's quirk, kept: loss sum / number of NON-ZERO token losses; "mean" is exact
@@ -109,7 +118,7 @@ class DumpArguments:
     )
 
     def __post_init__(self):
-        if self.pplx_max_tokens < 1:
+        if self.pplx_max_tokens is not None and self.pplx_max_tokens < 1:
             raise ValueError(f"--pplx_max_tokens must be >= 1, got {self.pplx_max_tokens}")
         if self.pplx_denominator not in DENOMINATORS:
             raise ValueError(f"--pplx_denominator must be one of {DENOMINATORS}, got {self.pplx_denominator!r}")
@@ -162,13 +171,8 @@ def per_sample_loss(logits, labels, denominator: str = "nonzero"):
         >>> per_sample_loss(logits, labels, "mean").exp()      # ln2 / 2 -> sqrt(2)
         tensor([1.4142])
     """
-    import torch
-    import torch.nn.functional as F
-
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    token_loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    keep, rows, tgt = _scored(labels)
+    token_loss = token_losses(logits, keep.reshape(-1).nonzero().squeeze(1), tgt)
     return record_losses(token_loss, rows, labels.shape[0], denominator)
 
 
@@ -195,20 +199,14 @@ def length_sorted_batches(lengths: Sequence[int], max_tokens: int) -> list[list[
     return batches
 
 
-def shard_batches(n_batches: int, rank: int, world_size: int, lockstep: bool = False) -> list[int | None]:
+def shard_batches(n_batches: int, rank: int, world_size: int) -> list[int]:
     """Batch numbers scored by ``rank``: a strided share (rank, rank + world_size, ...) which balances
-    the work of length-sorted batches. With ``lockstep`` (FSDP: every process must make the same
-    forward calls) shorter shards are padded with None = run a dummy batch, drop its result.
+    the work of length-sorted batches (score_pplxs keeps the processes in lockstep when shares differ).
 
         >>> shard_batches(5, 0, 2), shard_batches(5, 1, 2)
         ([0, 2, 4], [1, 3])
-        >>> shard_batches(5, 1, 2, lockstep=True)
-        [1, 3, None]
     """
-    mine: list[int | None] = list(range(rank, n_batches, world_size))
-    if lockstep:
-        mine += [None] * (math.ceil(n_batches / world_size) - len(mine))
-    return mine
+    return list(range(rank, n_batches, world_size))
 
 
 def padding_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -224,6 +222,58 @@ def padding_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> t
 # ----------------------------------------------------------------------------------------
 # The scoring engine
 
+CPU_TOKEN_BUDGET = 1536  # tokens per scoring batch on a CPU: ~1-2k is fastest there (bench/bench_pplx.py)
+CE_CHUNK_ELEMENTS = 1 << 24  # logits (positions x vocabulary) upcast to float32 at once: 64 MiB per chunk
+
+
+def auto_token_budget(free_bytes: int, vocab_size: int, hidden_size: int, intermediate_size: int | None = None,
+                      share: float = 0.5, floor: int = 1024, ceiling: int = 131072) -> int:
+    """Default token budget of a scoring batch on a GPU, from the free memory and the model's sizes.
+
+    Per token of a batch, the peak of a no-grad forward is bounded by its logits (vocab_size x 4
+    bytes: float32, as if every position were scored) plus one layer's activations, about
+    (6 x hidden_size + 3 x intermediate_size) x 4 bytes (intermediate_size defaults to 4 x hidden_size);
+    the cross-entropy adds only a fixed chunk (CE_CHUNK_ELEMENTS). The budget uses ``share`` of the
+    free memory, rounded down to a multiple of 256 tokens, within [floor, ceiling]. An out-of-memory
+    error during scoring halves it and retries (score_pplxs), so the estimate need not be exact.
+
+    Llama-3-8B (vocabulary 128256, hidden 4096, MLP 14336) with 40 GiB free; Qwen2.5-0.5B with 70 GiB:
+
+        >>> auto_token_budget(40 * 2**30, 128256, 4096, 14336)
+        27136
+        >>> auto_token_budget(70 * 2**30, 151936, 896, 4864)
+        54272
+        >>> auto_token_budget(2**30, 128256, 4096)   # little free memory: the floor
+        1024
+    """
+    intermediate = intermediate_size or 4 * hidden_size
+    per_token = 4 * vocab_size + 4 * (6 * hidden_size + 3 * intermediate)
+    budget = int(share * max(free_bytes - 4 * CE_CHUNK_ELEMENTS * 3, 0) // per_token) // 256 * 256
+    return max(floor, min(ceiling, budget))
+
+
+def _unwrap(model):
+    for _ in range(4):  # DDP / FSDP1 / DeepSpeed / compiled wrappers keep the real model in .module / ._orig_mod
+        model = getattr(model, "module", getattr(model, "_orig_mod", model))
+    return model
+
+
+def default_token_budget(model, device) -> int:
+    """--pplx_max_tokens when not given: CPU_TOKEN_BUDGET on a CPU; on a CUDA device
+    auto_token_budget() of the memory free now (what the caching allocator holds unused counts as free)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_TOKEN_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    config = getattr(_unwrap(model), "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not (hasattr(text, "vocab_size") and hasattr(text, "hidden_size")):
+        return CPU_TOKEN_BUDGET  # not a transformers model: no sizes to derive from
+    return auto_token_budget(free, int(text.vocab_size), int(text.hidden_size), getattr(text, "intermediate_size", None))
+
 
 @dataclass
 class ScoreStats:
@@ -233,7 +283,11 @@ class ScoreStats:
     processed_tokens: int = 0  # tokens run through the model, padding included
     n_fully_truncated: int = 0  # records with no scored token (perplexity 1.0)
     seconds: float = 0.0
-    logits: str = "scored"  # what was actually used ("all" after a fallback)
+    logits: str = "scored"  # the logits mode used (decided once, before scoring, the same on every process)
+    max_tokens: int = 0  # the token budget at the end (lower than at the start after out-of-memory retries)
+    max_tokens_start: int = 0  # the token budget at the start
+    n_oom_retries: int = 0  # batches retried with a halved budget after an out-of-memory error (any process)
+    n_forward: int = 0  # forward calls of this process (the same on every process: lockstep)
 
     @property
     def padding_share(self) -> float:
@@ -245,105 +299,259 @@ def _collate(input_ids, labels, idx, pad_token_id, device):
     return ids.to(device), lab.to(device), att.to(device)
 
 
-def _all_gather(obj, world_size: int) -> list:
-    import torch.distributed as dist
+class TorchComm:
+    """The collectives of the scoring loop over torch.distributed (tests substitute threads)."""
 
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
-    out: list = [None] * world_size
-    dist.all_gather_object(out, obj)
+    def __init__(self, world_size: int, device):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
+        self.world_size, self.device = world_size, device
+
+    def any(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of every process's flags (one small all-reduce)."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(x) for x in t.tolist()]
+
+    def gather(self, obj) -> list:
+        import torch.distributed as dist
+
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of any device (never taken as a capability answer)."""
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def token_losses(logits, pos, targets, chunk_elements: int = CE_CHUNK_ELEMENTS):
+    """Float32 cross-entropy of the rows ``pos`` of ``logits`` (viewed as [positions, V]) against
+    ``targets``, computed in chunks of at most ``chunk_elements`` logits, so the float32 copy and the
+    log-softmax never exceed one chunk (the full float32 logits of a 128K vocabulary would take tens
+    of GB). Each row's loss is computed alone, so the chunking does not change the result.
+
+        >>> import torch
+        >>> logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 0.0]])   # ln 2, ln(1 + e^-2), ln(1 + e^-1)
+        >>> token_losses(logits, torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]), chunk_elements=2)
+        tensor([0.6931, 0.1269, 0.3133])
+    """
+    import torch
+    import torch.nn.functional as F
+
+    flat = logits.reshape(-1, logits.shape[-1])
+    step = max(1, chunk_elements // flat.shape[-1])
+    out = torch.empty(pos.shape[0], dtype=torch.float32, device=flat.device)
+    for s in range(0, pos.shape[0], step):
+        out[s:s + step] = F.cross_entropy(flat[pos[s:s + step]].float(), targets[s:s + step], reduction="none")
     return out
+
+
+def _scored(lab):
+    """(keep [B, T] bool: positions whose next token is scored, their row, their target)."""
+    import torch
+
+    keep = torch.zeros_like(lab, dtype=torch.bool)
+    keep[:, :-1] = lab[:, 1:] != IGNORE_INDEX
+    rows = torch.arange(lab.shape[0], device=lab.device)[:, None].expand_as(lab)[keep]
+    return keep, rows, lab[:, 1:][keep[:, :-1]]
+
+
+def _token_losses(model, ids, lab, att, mode, chunk_elements=CE_CHUNK_ELEMENTS):
+    """(token losses of the scored positions, their row) of one batch, with logits mode ``mode``."""
+    import torch
+
+    keep, rows, tgt = _scored(lab)
+    if mode == "scored":  # the model projects only the kept positions: logits [n_scored, V]
+        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False).logits
+        if logits.ndim != 2 or logits.shape[0] != tgt.shape[0]:
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {tgt.shape[0]} scored positions")
+        pos = torch.arange(tgt.shape[0], device=logits.device)
+    else:  # full logits [B, T, V]; the scored rows are read chunk by chunk, never copied at once
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        pos = keep.reshape(-1).nonzero().squeeze(1).to(logits.device)
+    return token_losses(logits, pos, tgt.to(logits.device), chunk_elements), rows
+
+
+def _batch_losses(model, ids, lab, att, denominator, mode, chunk_elements=CE_CHUNK_ELEMENTS):
+    """Mean loss of each row of one batch (float32 [B])."""
+    tl, rows = _token_losses(model, ids, lab, att, mode, chunk_elements)
+    return record_losses(tl, rows.to(tl.device), lab.shape[0], denominator)
 
 
 def _supports_logits_to_keep(model) -> bool:
     import inspect
 
-    inner = model
-    for _ in range(4):  # DDP / FSDP1 / compiled wrappers keep the real model in .module / ._orig_mod
-        inner = getattr(inner, "module", getattr(inner, "_orig_mod", inner))
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-def _batch_losses(model, ids, lab, att, denominator, mode):
-    """Mean loss of each row of one batch; returns (losses [B] float32, mode actually used)."""
-    import torch
-    import torch.nn.functional as F
-
-    targets = lab[:, 1:]
-    keep = torch.zeros_like(lab, dtype=torch.bool)
-    keep[:, :-1] = targets != IGNORE_INDEX  # positions whose next token is scored
-    rows = torch.arange(lab.shape[0], device=lab.device)[:, None].expand_as(lab)[keep]
-    tgt = lab[:, 1:][keep[:, :-1]]
-    if mode == "scored":
+def decide_logits_mode(model, probe, requested: str, comm=None) -> tuple[str, str]:
+    """The logits mode of a whole scoring pass, decided once before it, the same on every process:
+    "scored" when requested, the model's forward takes ``logits_to_keep``, and on the ``probe`` batch
+    (ids, labels, attention; the same on every process) the scored-position logits give the same
+    token losses as the full logits (relative 1e-2: bf16 autocast). Every process runs both probe
+    forwards whatever happens (lockstep) and the verdict is agreed through ``comm``. An out-of-memory
+    error is an error on every process, never taken for "not supported". Returns (mode, reason for "all")."""
+    if requested == "all":
+        return "all", ""
+    if not _supports_logits_to_keep(model):
+        return "all", "its forward takes no logits_to_keep"
+    if probe is None:  # nothing is scored anywhere
+        return "scored", ""
+    ids, lab, att = probe
+    got = full = None
+    oom, reason = False, ""
+    for mode in ("all", "scored"):
         try:
-            out = model(input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False)
-            logits = out.logits
-            if logits.ndim != 2 or logits.shape[0] != tgt.shape[0]:
-                raise ValueError(f"logits of shape {tuple(logits.shape)} for {tgt.shape[0]} scored positions")
-        except (TypeError, ValueError, IndexError, RuntimeError) as e:
-            warnings.warn(f"scoring with full logits: the model does not take a logits_to_keep mask ({e})",
-                          stacklevel=3)
-            mode = "all"
-    if mode == "all":
-        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[keep]
-    token_loss = F.cross_entropy(logits.float(), tgt, reduction="none")  # float32 from the (upcast) logits
-    return record_losses(token_loss, rows, lab.shape[0], denominator), mode
+            losses, _ = _token_losses(model, ids, lab, att, mode)
+            full, got = (losses, got) if mode == "all" else (full, losses)
+        except Exception as e:  # noqa: BLE001 - any failure but OOM means "cannot take the mask"
+            if not is_oom(e) and mode == "all":
+                raise
+            oom = oom or is_oom(e)
+            reason = reason or f"{type(e).__name__}: {e}"
+    if not oom and not reason and not bool(((got - full).abs() <= 1e-2 * full.abs() + 1e-3).all()):
+        reason = "the scored-position logits differ from the full ones"
+    bad = bool(reason)
+    if comm is not None:
+        oom, bad = comm.any([oom, bad])
+    if oom:
+        raise RuntimeError(f"out of memory scoring a single record of {ids.shape[1]} tokens (the logits-mode "
+                           "probe): lower --model_max_length or use more or larger GPUs")
+    return ("all", reason or "another process could not use it") if bad else ("scored", "")
 
 
-def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int = 1536,
+def _after_oom(model, device) -> None:
+    """Free what a failed batch left behind: cached blocks, and FSDP2 parameters left gathered by a
+    forward that raised (the next forward then gathers them again, like every other process)."""
+    import torch
+
+    with contextlib.suppress(ImportError):
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int | None = None,
                 denominator: str = "nonzero", logits: str = "scored", rank: int = 0, world_size: int = 1,
-                lockstep: bool = False, autocast=None, progress: bool = True, desc: str = "perplexity",
-                gather=None):
+                autocast=None, progress: bool = True, desc: str = "perplexity", device=None, comm=None,
+                chunk_elements: int = CE_CHUNK_ELEMENTS):
     """Perplexity of every record of ``data`` (dataset order) with ``model``; returns (list of
     floats on every rank, ScoreStats of this rank's share). Exact: independent of ``max_tokens``,
     record order and ``world_size`` up to float32 rounding.
 
+    ``device``: where inputs go and the loss is computed: the device the Trainer computes on (under
+    FSDP/DeepSpeed CPU offload the parameters sit on the CPU); default: the first parameter's.
+    ``max_tokens``: token budget of a batch; None: default_token_budget() (1536 on a CPU, from the
+    free memory and the vocabulary on a GPU). ``autocast``: a context manager factory (e.g.
+    accelerator.autocast) for mixed precision.
+
     Under torch.distributed pass rank/world_size: each process scores a strided share of the
-    length-sorted batches and the results are gathered on every process (all_gather_object).
-    ``lockstep`` (needed under FSDP) makes every process run the same number of forward calls.
-    ``autocast``: a context manager factory (e.g. accelerator.autocast) for mixed precision.
-    ``gather``: replaces torch.distributed.all_gather_object (local results -> list of every rank's)."""
+    length-sorted batches and the results are gathered on every process. The processes run in
+    lockstep: every step, every process makes one forward call (a process whose share is done runs
+    the shortest record and drops it) and one small all-reduce that says whether any process still
+    has work or ran out of memory, so a model whose forward holds collectives (FSDP, DeepSpeed
+    ZeRO-3, tensor parallel) always pairs them. On out-of-memory every process halves the budget and
+    re-splits its remaining batches, and the failed batch is retried; a single record that does not
+    fit is an error on every process. ``comm``: the collectives (default TorchComm)."""
     import torch
     from tqdm.auto import tqdm
 
     if logits not in LOGITS_MODES:
         raise ValueError(f"unknown logits mode {logits!r}")
-    if logits == "scored" and not _supports_logits_to_keep(model):
-        logits = "all"
+    if device is None:
+        device = next(model.parameters()).device
+    if world_size > 1 and comm is None:
+        comm = TorchComm(world_size, device)
     input_ids, labels = data.input_ids, data.labels
     lengths = [len(x) for x in input_ids]
-    batches = length_sorted_batches(lengths, max_tokens)
-    mine = shard_batches(len(batches), rank, world_size, lockstep)
-    device = next(model.parameters()).device
+    budget = max_tokens or default_token_budget(model, device)
+    if comm is not None:  # one batch plan for all: the smallest budget (free memory differs by process)
+        budget = min(comm.gather(budget))
+    batches = length_sorted_batches(lengths, budget)
+    queue = [batches[b] for b in shard_batches(len(batches), rank, world_size)]
+    stats = ScoreStats(max_tokens_start=budget)
+    # the dummy batch of a process whose share is done, and the logits-mode probe: the shortest
+    # record (with a scored token for the probe), the same on every process
+    by_length = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    dummy = by_length[:1]
+    probe_rec = next((i for i in by_length if any(t != IGNORE_INDEX for t in labels[i][1:])), None)
     was_training = model.training
     model.eval()
-    stats = ScoreStats(logits=logits)
     results: list[tuple[list[int], list[float]]] = []
     t0 = time.perf_counter()
     try:
         # no_grad rather than inference_mode: inference tensors made inside FSDP's unshard or a lazily
         # built buffer would break the training steps that follow
         with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
-            for b in tqdm(mine, desc=desc, disable=not progress or rank != 0, unit="batch", dynamic_ncols=True):
-                idx = batches[b] if b is not None else batches[-1]  # dummy: the smallest batch, result dropped
+            probe = None if probe_rec is None else _collate(input_ids, labels, [probe_rec], pad_token_id, device)
+            logits, reason = decide_logits_mode(model, probe, logits, comm)
+            if reason and rank == 0:
+                warnings.warn(f"scoring with full logits: the model cannot project only the scored positions "
+                              f"({reason})", stacklevel=2)
+            bar = tqdm(total=len(queue), desc=desc, disable=not progress or rank != 0, unit="batch",
+                       dynamic_ncols=True)
+            oom = fatal = False
+            while True:
+                flags = [oom, bool(queue), fatal]
+                any_oom, any_work, any_fatal = comm.any(flags) if comm is not None else flags
+                if any_fatal:
+                    raise RuntimeError(
+                        f"out of memory scoring a single record ({'here' if fatal else 'on another process'}; "
+                        f"budget {budget} tokens): lower --model_max_length or use more or larger GPUs")
+                if any_oom:  # every process: half the budget, its remaining batches re-split under it
+                    budget = max(1, budget // 2)
+                    stats.n_oom_retries += 1
+                    queue = [[b[i] for i in sub] for b in queue
+                             for sub in length_sorted_batches([lengths[i] for i in b], budget)]
+                    bar.total = bar.n + len(queue)
+                    logger.warning("out of memory while scoring: token budget halved to %d", budget)
+                if not any_work:
+                    break
+                idx = queue[0] if queue else dummy
                 ids, lab, att = _collate(input_ids, labels, idx, pad_token_id, device)
-                losses, logits = _batch_losses(model, ids, lab, att, denominator, logits)
-                if b is None:
+                stats.n_forward += 1
+                try:
+                    losses = _batch_losses(model, ids, lab, att, denominator, logits, chunk_elements)
+                    oom = False
+                except Exception as e:
+                    if not is_oom(e):
+                        raise
+                    oom, fatal = True, len(idx) == 1
+                    del e
+                    _after_oom(model, device)
                     continue
+                if not queue:
+                    continue  # a dummy batch: result dropped
+                queue.pop(0)
+                bar.update(1)
                 results.append((idx, torch.exp(losses).cpu().tolist()))
                 stats.n_batches += 1
                 stats.n_records += len(idx)
                 stats.real_tokens += int(att.sum())
                 stats.processed_tokens += att.numel()
+            bar.close()
     finally:
         model.train(was_training)
     stats.seconds = time.perf_counter() - t0
-    stats.logits = logits
-    if world_size > 1:
-        results = [r for part in (gather or _all_gather)(results, world_size) for r in part]
+    stats.logits, stats.max_tokens = logits, budget
+    if comm is not None:
+        results = [r for part in comm.gather(results) for r in part]
     pplxs: list[float | None] = [None] * len(input_ids)
     for idx, vals in results:
         for i, v in zip(idx, vals):
@@ -393,6 +601,7 @@ def _make_callback_class():
             self.manifest: dict | None = None  # set by main() on global rank 0: the run's manifest.json
             self.replace: list[str] = []  # files of the run that --overwrite_dumps replaces (rank 0 removes them)
             self.ended = False  # resumed from a checkpoint at the run's last step
+            self.last_stats: ScoreStats | None = None  # of the last dump (logits mode, token budget used)
 
         def attach(self, trainer):
             self.trainer = trainer
@@ -416,28 +625,38 @@ def _make_callback_class():
             dist.broadcast_object_list(box, src=0)
             return box[0]
 
+        def scoring_model(self):
+            """The module whose forward the Trainer itself would run: the outermost wrapper (FSDP,
+            DeepSpeed engine, compiled), except DDP, whose forward only adds a buffer broadcast."""
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = self.trainer.model_wrapped
+            return model.module if isinstance(model, DistributedDataParallel) else model
+
         def dump(self, epoch):
             tr = self.trainer
-            fsdp = bool(getattr(tr, "is_fsdp_enabled", False))
-            # under DDP trainer.model is the bare model (no collectives in its forward); under FSDP
-            # only the wrapper can run the forward, so every process runs it the same number of times
-            model = tr.model_wrapped if fsdp else tr.model
             rank, ws = self._dist()
             a = self.dump_args
+            # every multi-process run scores in lockstep (score_pplxs), whatever the engine: FSDP,
+            # DeepSpeed ZeRO-3 and tensor parallel forwards hold collectives; inputs go to the device
+            # the Trainer computes on (under CPU offload the parameters sit on the CPU)
             pplxs, stats = score_pplxs(
-                model, self.data, self.pad_token_id, max_tokens=a.pplx_max_tokens, denominator=a.pplx_denominator,
-                logits=a.pplx_logits, rank=rank, world_size=ws, lockstep=fsdp, autocast=tr.accelerator.autocast,
-                desc=f"perplexity {epoch}",
+                self.scoring_model(), self.data, self.pad_token_id, max_tokens=a.pplx_max_tokens,
+                denominator=a.pplx_denominator, logits=a.pplx_logits, rank=rank, world_size=ws,
+                autocast=tr.accelerator.autocast, device=tr.args.device, desc=f"perplexity {epoch}",
             )
+            self.last_stats = stats
             if rank == 0:
                 path = os.path.join(a.dump_dir, dump_name(epoch))
                 write_pickle(path, pplxs)
                 self.written.append(path)
                 finite = [p for p in pplxs if math.isfinite(p)]
                 logger.warning(
-                    "%s: %d perplexities (mean %.4g) in %.1fs; this process: %d batches, padding %.1f%%, logits %s",
+                    "%s: %d perplexities (mean %.4g) in %.1fs; this process: %d batches, padding %.1f%%, "
+                    "logits %s, token budget %d (start %d, %d out-of-memory retries)",
                     path, len(pplxs), sum(finite) / max(len(finite), 1), stats.seconds, stats.n_batches,
-                    100 * stats.padding_share, stats.logits,
+                    100 * stats.padding_share, stats.logits, stats.max_tokens, stats.max_tokens_start,
+                    stats.n_oom_retries,
                 )
                 if len(finite) != len(pplxs):
                     logger.warning("%s: %d perplexities are not finite", path, len(pplxs) - len(finite))

@@ -31,9 +31,11 @@ Flags from transformers 4.x that 5.x removed are rewritten with a one-line notic
 --warmup_steps R (a float below 1 is a ratio of the total steps in 5.x, rounded up as before),
 --fsdp_transformer_layer_cls_to_wrap X -> --fsdp_config '{"transformer_layer_cls_to_wrap": ["X"]}'
 (merged into any --fsdp_config given), and the deprecated --gradient_checkpointing ->
---activation_checkpointing. On a machine without CUDA the same command runs on the CPU: --tf32
-and --fp16 are dropped with a warning, --bf16 becomes CPU bfloat16 autocast, and --fsdp is dropped
-("falling back to plain data parallel": DDP over gloo when launched by torchrun).
+--activation_checkpointing, or under --fsdp the fsdp_config key activation_checkpointing (FSDP's
+own, without the Trainer's redundant all-gather in the backward). On a machine without CUDA the
+same command runs on the CPU: --tf32 and --fp16 are dropped with a warning, --bf16 becomes CPU
+bfloat16 autocast, --fsdp is dropped ("falling back to plain data parallel": DDP over gloo when
+launched by torchrun; --use_cpu is set under torchrun so the processes really train data parallel).
 
 dump_pplxs.py (step 2) uses the same front-end: parse_args, load_model_and_tokenizer, build_trainer.
 """
@@ -185,6 +187,8 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
     JSON file) if one is given; the merged config is passed inline."""
     argv = list(argv)
     out: list[str] = []
+    fsdp = _fsdp_requested(argv)
+    fsdp_extra: dict = {}  # fsdp_config keys made from legacy flags
     warmup_ratio: str | None = None
     has_warmup_steps = False
     wrap_cls: str | None = None
@@ -193,7 +197,13 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
     while i < len(argv):
         tok = argv[i]
         name, inline = _split_flag(tok)
-        if name in RENAMED_FLAGS:
+        if name == "gradient_checkpointing" and fsdp:
+            value, i = _optional_value(argv, i, inline)
+            if _truthy(value):
+                notice("note: --gradient_checkpointing under --fsdp is the fsdp_config key activation_checkpointing "
+                       "(FSDP's own; the Trainer's adds a redundant all-gather in the backward)")
+                fsdp_extra["activation_checkpointing"] = True
+        elif name in RENAMED_FLAGS:
             new = RENAMED_FLAGS[name]
             notice(f"note: --{name} is --{new} in transformers 5; using --{new}")
             out.append(f"--{new}" + (f"={inline}" if inline is not None else ""))
@@ -235,22 +245,55 @@ def translate_legacy_flags(argv: Sequence[str]) -> list[str]:
         names = [s.strip() for s in wrap_cls.split(",") if s.strip()]
         if not names:
             raise LegacyFlagError("--fsdp_transformer_layer_cls_to_wrap expects a class name")
+        fsdp_extra["transformer_layer_cls_to_wrap"] = names
+    if fsdp_extra:
         config: dict = {}
         if fsdp_config_pos is not None:
             config = _load_fsdp_config(out[fsdp_config_pos])
-        old = config.pop("fsdp_transformer_layer_cls_to_wrap", None)
-        old = config.pop("transformer_layer_cls_to_wrap", old)
-        if old is not None and old != names and [old] != names:
-            notice(f"note: --fsdp_transformer_layer_cls_to_wrap {wrap_cls} overrides the fsdp_config value {old!r}")
-        config["transformer_layer_cls_to_wrap"] = names
+        if wrap_cls is not None:
+            old = config.pop("fsdp_transformer_layer_cls_to_wrap", None)
+            old = config.pop("transformer_layer_cls_to_wrap", old)
+            if old is not None and old != names and [old] != names:
+                notice(f"note: --fsdp_transformer_layer_cls_to_wrap {wrap_cls} overrides the fsdp_config value {old!r}")
+        config.update(fsdp_extra)
         value = json.dumps(config)
         if fsdp_config_pos is None:
             out += ["--fsdp_config", value]
         else:
             out[fsdp_config_pos] = value
-        notice(f"note: --fsdp_transformer_layer_cls_to_wrap {wrap_cls} is the fsdp_config key "
-                f"transformer_layer_cls_to_wrap in transformers 5; using --fsdp_config '{value}'")
+        if wrap_cls is not None:
+            notice(f"note: --fsdp_transformer_layer_cls_to_wrap {wrap_cls} is the fsdp_config key "
+                   f"transformer_layer_cls_to_wrap in transformers 5; using --fsdp_config '{value}'")
     return out
+
+
+def _optional_value(argv: list[str], i: int, inline: str | None) -> tuple[str | None, int]:
+    """The value of a boolean flag at argv[i] ('--f', '--f v', '--f=v') and the index after it."""
+    if inline is not None:
+        return inline, i + 1
+    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        return argv[i + 1], i + 2
+    return None, i + 1
+
+
+def _truthy(value: str | None) -> bool:
+    """A boolean flag's value as HfArgumentParser reads it (a bare flag is True)."""
+    from transformers.hf_argparser import string_to_bool
+
+    try:
+        return value is None or bool(string_to_bool(value))
+    except Exception:  # noqa: BLE001 - argparse reports the bad value later
+        return True
+
+
+def _fsdp_requested(argv: list[str]) -> bool:
+    """Whether argv turns FSDP on (--fsdp with a value other than false/empty)."""
+    for i, tok in enumerate(argv):
+        name, inline = _split_flag(tok)
+        if name == "fsdp":
+            value, _ = _optional_value(argv, i, inline)
+            return value is not None and value.strip().lower() not in ("", "false", "no", "0", "none")
+    return False
 
 
 def _load_fsdp_config(value: str) -> dict:
@@ -278,8 +321,11 @@ def _load_fsdp_config(value: str) -> dict:
 
 def cpu_fallback(ns: argparse.Namespace) -> None:
     """Without CUDA, adjust the parsed flags in place so a GPU command runs on the CPU, with one
-    warning per change: tf32 and fp16 dropped, bf16 kept as CPU autocast (needs use_cpu in
-    transformers 5), FSDP dropped in favour of plain data parallel (DDP over gloo under torchrun)."""
+    warning per change: tf32 and fp16 dropped, bf16 kept as CPU autocast, FSDP dropped in favour of
+    plain data parallel (its activation checkpointing kept as --activation_checkpointing). Under
+    torchrun (WORLD_SIZE > 1) or with bf16, use_cpu is set: transformers 5 accepts bf16 without CUDA
+    only with it, and without it a torchrun job is not data parallel (every process trains alone on
+    every record and they all write the same --output_dir)."""
     if hasattr(ns, "dataloader_pin_memory"):
         ns.dataloader_pin_memory = False  # pinning has no effect (and warns) without an accelerator
     if getattr(ns, "tf32", None):
@@ -290,12 +336,24 @@ def cpu_fallback(ns: argparse.Namespace) -> None:
             notice(f"warning: no GPU: --{flag} dropped (float16 mixed precision needs CUDA); computing in float32")
             setattr(ns, flag, False)
     bf16 = getattr(ns, "bf16", False) or getattr(ns, "bf16_full_eval", False)
-    if bf16 and not getattr(ns, "use_cpu", False):  # transformers 5 accepts bf16 without CUDA only with use_cpu
+    if bf16 and not getattr(ns, "use_cpu", False):
         notice("warning: no GPU: --bf16 runs as bfloat16 autocast on the CPU (--use_cpu True)")
+        ns.use_cpu = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(ns, "use_cpu", False):
+        notice("warning: no GPU: the processes train data parallel on the CPU, DDP over gloo (--use_cpu True)")
         ns.use_cpu = True
     if getattr(ns, "fsdp", None) not in (None, "", False):
         notice(f"warning: no GPU: --fsdp {ns.fsdp!r} dropped, falling back to plain data parallel "
                 "(DDP over gloo when launched by torchrun)")
+        config = ns.fsdp_config
+        if isinstance(config, str):
+            try:
+                config = _load_fsdp_config(config)
+            except LegacyFlagError:
+                config = {}
+        if isinstance(config, dict) and _truthy(str(config.get("activation_checkpointing", False))):
+            notice("note: FSDP's activation checkpointing kept as --activation_checkpointing")
+            ns.activation_checkpointing = True
         ns.fsdp = None
         ns.fsdp_config = None
 

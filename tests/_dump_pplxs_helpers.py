@@ -2,6 +2,7 @@
 train.py) and an independent one-record-at-a-time float32 perplexity reference."""
 
 import math
+import socket
 
 import torch
 
@@ -45,3 +46,10 @@ def one_thread_fixture():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def free_port() -> str:
+    """A free TCP port on 127.0.0.1 (for torchrun's --master_port / rendezvous endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

@@ -84,6 +84,43 @@ def test_translated_fsdp_config_reaches_the_fsdp_plugin():
     assert args.fsdp_config["reshard_after_forward"] is True  # full_shard
 
 
+def test_gradient_checkpointing_under_fsdp_is_fsdp_activation_checkpointing(monkeypatch, tmp_path, tiny_dataset):
+    fsdp = ["--data_path", "d", "--fsdp", "full_shard auto_wrap"]
+    for flag in (["--gradient_checkpointing", "True"], ["--gradient_checkpointing"], ["--gradient_checkpointing=true"]):
+        argv = train.translate_legacy_flags(fsdp + flag + ["--seed", "1"])
+        assert not any("checkpointing" in a for a in argv if a.startswith("--")), argv
+        assert json.loads(argv[argv.index("--fsdp_config") + 1]) == {"activation_checkpointing": True}
+        ns = train.build_parser().parse_args(argv)
+        args = train.TrainingArguments(output_dir="unused", fsdp=ns.fsdp, fsdp_config=ns.fsdp_config,
+                                       activation_checkpointing=ns.activation_checkpointing)
+        # FSDP's own checkpointing; the Trainer's (which warns of a redundant all-gather) stays off
+        assert args.fsdp_plugin_args["activation_checkpointing"] is True and not args.activation_checkpointing
+    argv = train.translate_legacy_flags(fsdp + ["--gradient_checkpointing", "False"])
+    assert argv == fsdp
+    # without FSDP: the plain rename, as before
+    assert train.translate_legacy_flags(["--gradient_checkpointing", "True"]) == ["--activation_checkpointing", "True"]
+    # on a CPU, FSDP is dropped but the checkpointing is kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, _, args = train.parse_args(["--data_path", tiny_dataset, "--output_dir", str(tmp_path), "--fsdp",
+                                   "full_shard auto_wrap", "--gradient_checkpointing", "True"])
+    assert not args.fsdp and args.activation_checkpointing
+
+
+def test_torchrun_without_cuda_is_data_parallel_without_bf16(monkeypatch, capsys):
+    import argparse
+
+    def fallback():
+        ns = argparse.Namespace(use_cpu=False, bf16=False, fsdp=None, tf32=None)
+        train.cpu_fallback(ns)
+        return ns.use_cpu
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not fallback()  # one process: untouched (MPS etc. stay usable)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fallback()  # under torchrun: DDP over gloo, not each process training alone on every record
+    assert "train data parallel on the CPU" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------
 # parse_args: CPU fallback and usage errors
 
@@ -277,28 +314,59 @@ PAPER_TRAIN_FLAGS = (  # the seed README's train.py flags; only paths and step c
 )
 
 
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
 @pytest.mark.slow
-def test_paper_command_under_torchrun(tiny_llama, tiny_dataset, tmp_path):
-    out = tmp_path / "out"
+def test_paper_command_under_torchrun(tiny_llama, tmp_path):
+    """The paper's command under torchrun (2 CPU processes): it runs, and it is really data parallel:
+    every rank ends with the same weights (sha256 of each rank's state dict, written by
+    tests/_rank_hash.py) and they equal one process trained at the combined batch size."""
+    from tests._dump_pplxs_helpers import load
+    from tests.conftest import TINY_RECORDS
+
+    data = tmp_path / "data.json"  # 16 records: 2 steps of 2 x 4, no record repeated to even out the ranks
+    data.write_text(json.dumps(TINY_RECORDS + TINY_RECORDS[:4]))
+    out, hashes = tmp_path / "out", tmp_path / "hashes"
+    hashes.mkdir()
+    flags = [*PAPER_TRAIN_FLAGS.format(out=out).split(),
+             "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+             "--tf32", "True", "--seed", "42", "--gradient_checkpointing", "True"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "train.py",
-           "--model_name_or_path", tiny_llama, "--data_path", tiny_dataset,
-           *PAPER_TRAIN_FLAGS.format(out=out).split(),
-           "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-           "--tf32", "True", "--seed", "42", "--gradient_checkpointing", "True"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+           "--master_port", str(_free_port()), "tests/_rank_hash.py", "train.py",
+           "--model_name_or_path", tiny_llama, "--data_path", str(data), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "RANK_HASH_DIR": str(hashes)}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-4000:]
     for line in ("note: --evaluation_strategy is --eval_strategy", "note: --warmup_ratio 0.03 is --warmup_steps 0.03",
                  "note: --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer",
-                 "note: --gradient_checkpointing is --activation_checkpointing",
+                 "note: --gradient_checkpointing under --fsdp is the fsdp_config key activation_checkpointing",
+                 "note: FSDP's activation checkpointing kept as --activation_checkpointing",
                  "warning: no GPU: --tf32 dropped", "warning: no GPU: --bf16 runs as bfloat16 autocast",
                  "falling back to plain data parallel"):
         assert log.count(line) == 1, (line, log[-4000:])  # once per job, not once per process
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     state = json.loads((out / "trainer_state.json").read_text())
-    # 12 records over 2 processes x batch 4: 2 optimizer steps (1 process would take 3)
+    # 16 records over 2 processes x batch 4: 2 optimizer steps (1 process at batch 4 would take 4)
     assert state["global_step"] == 2
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    # DDP: both ranks end with bit-identical weights...
+    rank_hashes = [(hashes / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert len(rank_hashes[0]) == 64 and rank_hashes[0] == rank_hashes[1], "the ranks' weights differ: not DDP"
+    # ...equal to one process at the combined batch size (8), up to bf16-autocast rounding: the weights
+    # differ by under 1% of how far training moved them (L2 over all parameters)
+    one = tmp_path / "one"
+    train.main(["--model_name_or_path", tiny_llama, "--data_path", str(data),
+                *[f.replace(str(out), str(one)) for f in flags], "--per_device_train_batch_size", "8"])
+    ddp, single = _weights(out), _weights(one)
+    init = load(tiny_llama)[0].state_dict()
+    moved = sum(((single[k] - init[k]) ** 2).sum().item() for k in single) ** 0.5
+    diff = sum(((ddp[k] - single[k]) ** 2).sum().item() for k in single) ** 0.5
+    print(f"weights: moved {moved:.3g}, DDP vs one process {diff:.3g}")
+    assert moved > 1e-4 and diff < 0.01 * moved, (diff, moved)
