@@ -81,6 +81,7 @@ from utils import (
     IGNORE_INDEX,
     UserError,
     _read_text,
+    _validate_record,
     atomic_write,
     format_prompt,
     is_chat,
@@ -321,11 +322,10 @@ def _prompt_entry(path: str, i: int, r, prompt_field: str | None) -> dict:
         return {"record": rec, "gold": gold, "question": r[prompt_field], "id": rid}
     if "messages" in r:
         msgs = r["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: 'messages' must be a non-empty list")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise UserError(f"{where}: message {j} needs string 'role' and 'content'")
+        # utils' checks of a chat record; an open prompt (no assistant turn yet) is checked as if answered
+        open_prompt = isinstance(msgs, list) and msgs and not any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                                 for m in msgs)
+        _validate_record(path, i, {"messages": msgs + [{"role": "assistant", "content": ""}]} if open_prompt else r, True)
         has_gold = msgs[-1]["role"] == "assistant"
         context = msgs[:-1] if has_gold else msgs
         if not context:
@@ -404,14 +404,6 @@ def model_identity(path: str) -> str:
                 for offset in (0, size // 2, size - _SAMPLE):
                     f.seek(offset)
                     h.update(f.read(_SAMPLE))
-    return h.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -1064,6 +1056,8 @@ def main(args=None):
         if absent:
             raise UserError(f"--judge_template {args.judge_template}: no placeholder {{{absent[0]}}}")
     os.makedirs(args.output_dir, exist_ok=True)
+    from clustering import file_sha256
+
     prompt_hash = file_sha256(args.prompts)
     print(f"{len(prompts)} prompts from {args.prompts}; {len(args.models)} models", flush=True)
     need_gen = bool(args.pairwise) or any(m.startswith("exact") for m in args.metric) or not args.metric

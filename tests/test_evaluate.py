@@ -473,6 +473,8 @@ def test_bad_inputs(tmp_path, tiny_llama, capsys):
                   "--pairwise", "tiny-llama", "b", "--judge", "openai:m", "--models", tiny_llama,
                   _write(tmp_path / "b.jsonl", [{"response": "x"}] * 3, jsonl=True)], "no placeholder"),
         (["--prompts", good, "--models", str(broken)], "cannot load"),
+        (model + ["--prompts", _write(tmp_path / "chat.json", [{"messages": [{"role": "user", "content": 3}]}])],
+         "message 0 needs string 'role' and 'content'"),
     ]
     for argv, msg in cases:
         rc = run_cli(evaluate.main, argv + ["--output_dir", str(tmp_path / "e"), "--no_progress",
@@ -488,6 +490,22 @@ def test_bad_inputs(tmp_path, tiny_llama, capsys):
         with pytest.raises(SystemExit) as e:
             evaluate.parse_args(argv)
         assert e.value.code == 2
+
+
+def test_chat_prompts(tmp_path):
+    recs = [{"messages": [{"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"}]}]
+    prompts = [evaluate._prompt_entry("f", i, r, None) for i, r in enumerate(recs)]
+    assert [p["gold"] for p in prompts] == ["4", None]
+    assert [p["question"] for p in prompts] == ["Add 2 and 2.", "System: Be brief.\n\nUser: Capital of Peru?"]
+    given = _write(tmp_path / "r.jsonl", [{"response": "4"}, {"response": "Lima"}], jsonl=True)
+    path = _write(tmp_path / "chat.jsonl", recs, jsonl=True)
+    with pytest.raises(UserError, match="record 1 of .* has none"):
+        evaluate.main(["--models", given, "--prompts", path, "--metric", "exact_match", "--output_dir", str(tmp_path)])
+    one = _write(tmp_path / "one.jsonl", [{"response": "4"}], jsonl=True)
+    res = evaluate.main(["--models", one, "--prompts", _write(tmp_path / "one-p.jsonl", recs[:1], jsonl=True),
+                         "--metric", "exact_match", "--output_dir", str(tmp_path)])
+    assert res["models"][0]["metrics"]["exact_match"]["correct"] == 1
 
 
 def test_help_explains_every_flag():
