@@ -27,7 +27,7 @@
 #   QS_BATCH=16           per-device training batch size (records)
 #   QS_SELECTOR_LR=2e-3   QS_TARGET_LR=2e-3   learning rates (tiny random models need ~1e-3, not 2e-5)
 #   QS_MAX_LEN=128        --model_max_length (tokens; the longest sample record has ~100)
-#   QS_NEW_TOKENS=64      evaluate.py --max_new_tokens (the longest held-out answer has ~50 tokens)
+#   QS_NEW_TOKENS=64      evaluate.py --max_new_tokens (the longest held-out answer has ~40 tokens)
 #   QS_THREADS=1          torch threads per process (tiny models: 1 is as fast, and robust on a busy machine)
 #   QS_PARALLEL=1         train the target on the full data in the background, beside steps 1-4 (2 cores);
 #                         0 = everything one after the other
