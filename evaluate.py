@@ -893,9 +893,11 @@ def generations_for(args, name: str, path: str, prompts: list[dict], prompt_hash
         return rows, out, True
     tokenizer = load_tokenizer(path, args.model_max_length)  # fast: the key needs the rendered prompts only
     ids = [prompt_ids(p["record"], tokenizer) for p in prompts]
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_p": args.top_p if args.temperature > 0 else None,
-                "seed": args.seed if args.temperature > 0 else None, "dtype": args.dtype}
+                "seed": args.seed if args.temperature > 0 else None,
+                "dtype": str(dtype), "device": device.split(":")[0]}  # bf16 on a GPU and fp32 on a CPU differ
     key = sha256_text(model_identity(path), prompt_hash, sha256_text(json.dumps(ids)),
                       json.dumps(settings, sort_keys=True))[:16]
     out = os.path.join(gen_dir, f"{safe_name(name)}-{key}.jsonl")

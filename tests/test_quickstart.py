@@ -24,7 +24,7 @@ N, N_HELDOUT, K, P = 120, 40, 6, 10
 ENV = {
     "QS_RECORDS": str(N), "QS_HELDOUT": str(N_HELDOUT), "QS_CLUSTERS": str(K), "QS_PERCENTAGE": str(P),
     "QS_TARGET_EPOCHS": "1", "QS_SELECTOR_HIDDEN": "32", "QS_TARGET_HIDDEN": "64", "QS_TARGET_LAYERS": "2",
-    "QS_BATCH": "8",
+    "QS_BATCH": "8", "QS_NEW_TOKENS": "24",
 }
 KINDS = ("lp1", "lp1_approx", "clust_rand")
 
