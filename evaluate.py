@@ -715,9 +715,12 @@ def judge_all(judge, cache: VerdictCache, requests: list[tuple[str, str, str]], 
 # CLI
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
                    help="models to evaluate: folders written by train.py (or any save_pretrained folder / hub id), "
                         "or a JSONL of responses made elsewhere (one {\"response\": ...} per prompt, prompt order)")
