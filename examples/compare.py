@@ -1,61 +1,48 @@
-"""The quickstart's comparison: held-out perplexity of target models trained on each subset, and
-what each subset picked (task families, planted noise, near-duplicates) from the sample data.
+"""The quickstart's comparison: held-out perplexity and exact match of target models trained on each
+subset (from evaluate.py, step 5), their training data and time, and what each subset picked (task
+families, planted noise, near-duplicates) from the sample data.
 
-    # what examples/quickstart.sh runs at the end (one --run per trained target: NAME MODEL_DIR DATA SECONDS)
-    python examples/compare.py --dataset data/sample_train.json --heldout data/sample_heldout.json \\
-        --run full runs/quickstart/X/targets/full data/sample_train.json 95.1 \\
-        --run 10_low_lp1 runs/quickstart/X/targets/10_low_lp1 runs/quickstart/X/subsets/10_low_lp1-selector.json 9.8 \\
-        --baseline runs/models/target --model_max_length 128 --output runs/quickstart/X/compare.md
-    # tiny CPU check: score one model on the held-out split only
-    python examples/compare.py --heldout data/sample_heldout.json --baseline runs/models/target
+    # what examples/quickstart.sh runs at the end: evaluate.py scores every target, this script tabulates
+    python evaluate.py --models runs/models/target runs/quickstart/X/targets/10_lp1 runs/quickstart/X/targets/full \
+        --names untrained 10_lp1 full --prompts data/sample_heldout.json \
+        --metric exact_match exact_match_norm perplexity --max_new_tokens 64 --model_max_length 128 \
+        --output_dir runs/quickstart/X/eval
+    python examples/compare.py --dataset data/sample_train.json --heldout data/sample_heldout.json \
+        --evaluation runs/quickstart/X/eval/summary.json --baseline runs/models/target \
+        --run 10_lp1 runs/quickstart/X/targets/10_lp1 runs/quickstart/X/subsets/10_low_lp1-selector.json 9.8 \
+        --run full runs/quickstart/X/targets/full data/sample_train.json 95.1 --output runs/quickstart/X/compare.md
 
-Held-out perplexity: every held-out record is scored with dump_pplxs.score_pplxs (the pipeline's own
-scoring, imported, not re-implemented) with the textbook mean over response tokens
-(denominator "mean", not the paper's "nonzero"), and the table gives the token-level perplexity of the whole split,
-exp(sum over records of n_i * ln P_i / sum of n_i) with n_i the scored tokens of record i, plus the
-median record perplexity. Lower is better. The untrained target (``--baseline``) is a reference row.
+Every figure about the models comes from evaluate.py's summary.json (one place for evaluation): the
+token-level perplexity of the held-out gold responses (scored as training scores them, with the textbook
+mean over response tokens), the median record perplexity, and exact-match accuracy of the greedy
+responses (exact, and after normalisation) with bootstrap 95% intervals. Each --run is matched to
+evaluate.py's model by its folder; the held-out file must be the one evaluate.py used.
 
 Family analysis: the sample data's family, noise flag and near-duplicate flag of every record are
 recovered with data/make_sample.py's ``annotate`` (they are not stored in the records). For data that
 the generator did not make, that part is skipped with a note.
 
 What it shows, honestly: tiny random-initialised models trained for a few epochs on synthetic data.
-The numbers demonstrate that the pipeline's mechanics work end to end (selection, training, scoring)
-and what the selection picks; they are not evidence for, or against, the paper's quality claims.
+The numbers demonstrate that the pipeline's mechanics work end to end (selection, training, scoring,
+generation) and what the selection picks; they are not evidence for, or against, the paper's quality claims.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from utils import IGNORE_INDEX, UserError, atomic_write, load_records, run_cli  # noqa: E402
+from evaluate import corpus_perplexity, markdown_table  # noqa: E402
+from utils import UserError, atomic_write, load_records, run_cli  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # Pure pieces (tested without any model)
-
-
-def corpus_perplexity(pplxs, n_tokens) -> float:
-    """Token-level perplexity of a split from per-record perplexities (each the exp of the mean
-    loss over its ``n`` scored tokens): exp(sum n_i ln P_i / sum n_i). Records with no scored
-    token are left out.
-
-    >>> round(corpus_perplexity([2.0, 8.0], [1, 2]), 6)   # exp((ln 2 + 2 ln 8) / 3) = 2^(7/3)
-    5.039684
-    """
-    num = sum(n * math.log(p) for p, n in zip(pplxs, n_tokens) if n > 0)
-    den = sum(n for n in n_tokens if n > 0)
-    if den == 0:
-        raise ValueError("no scored token in the split")
-    return math.exp(num / den)
 
 
 def composition(metas: list[dict]) -> dict:
@@ -74,26 +61,20 @@ def composition(metas: list[dict]) -> dict:
     }
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table with right-aligned columns after the first.
-
-    >>> print(markdown_table(["a", "b"], [["x", "1"]]))
-    | a | b |
-    |:--|--:|
-    | x | 1 |
-    """
-    lines = ["| " + " | ".join(header) + " |", "|:--|" + "--:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _pct(a: int, b: int) -> str:
     return f"{100.0 * a / b:.1f}%" if b else "-"
 
 
+def _em(r: dict, key: str) -> str:
+    m = r.get(key)
+    if m is None:
+        return "-"
+    return f"{100 * m['value']:.1f}% [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]"
+
+
 def results_table(results: list[dict], n_train: int | None) -> str:
     header = ["training data", "records", "share", "train time (s)", "step wall time (s)", "held-out ppl",
-              "median record ppl"]
+              "median record ppl", "exact match [95% CI]", "normalised EM [95% CI]"]
     rows = []
     for r in results:
         rows.append([
@@ -104,6 +85,8 @@ def results_table(results: list[dict], n_train: int | None) -> str:
             "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
             f"{r['heldout_ppl']:.3f}",
             f"{r['median_ppl']:.3f}",
+            _em(r, "exact_match"),
+            _em(r, "exact_match_norm"),
         ])
     return markdown_table(header, rows)
 
@@ -125,17 +108,19 @@ def composition_table(names: list[str], comps: list[dict], full: dict) -> str:
     return markdown_table(header, rows)
 
 
-def family_ppl_table(results: list[dict], heldout_fams: list[str]) -> str:
+def family_tables(results: list[dict], heldout_fams: list[str]) -> tuple[str, str]:
+    """Per held-out task family: the token-level perplexity of the gold responses, and the share of
+    exact matches, for every model."""
     fams = sorted(set(heldout_fams))
     header = ["held-out family", "records"] + [r["name"] for r in results]
-    rows = []
+    ppl_rows, em_rows = [], []
     for fam in fams:
         idx = [i for i, f in enumerate(heldout_fams) if f == fam]
-        cells = []
-        for r in results:
-            cells.append(f"{corpus_perplexity([r['pplxs'][i] for i in idx], [r['n_tokens'][i] for i in idx]):.2f}")
-        rows.append([fam, str(len(idx))] + cells)
-    return markdown_table(header, rows)
+        ppl_rows.append([fam, str(len(idx))] + [
+            f"{corpus_perplexity([r['pplxs'][i] for i in idx], [r['n_tokens'][i] for i in idx]):.2f}" for r in results])
+        em_rows.append([fam, str(len(idx))] + [
+            f"{100 * sum(r['em_hits'][i] for i in idx) / len(idx):.0f}%" for r in results])
+    return markdown_table(header, ppl_rows), markdown_table(header, em_rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,25 +139,24 @@ def train_runtime(model_dir: str) -> float | None:
     return float(times[-1]) if times else None
 
 
-def score_heldout(model_dir: str, heldout: str, model_max_length: int, max_tokens: int) -> tuple[list[float], list[int]]:
-    """Per-record perplexity (mean over response tokens) of every held-out record, and the number of
-    scored tokens of each, with dump_pplxs.score_pplxs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dump_pplxs import score_pplxs
-    from utils import add_missing_special_tokens, make_supervised_data
-
-    if not os.path.isdir(model_dir):
-        raise UserError(f"{model_dir}: no such model folder")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    add_missing_special_tokens(tokenizer, model)  # a no-op for train.py's output; the untrained model gets [PAD]
-    data = make_supervised_data(heldout, tokenizer, model_max_length)
-    pplxs, _ = score_pplxs(model, data, tokenizer.pad_token_id, max_tokens=max_tokens, denominator="mean",
-                           progress=False)
-    n_tokens = [sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in data.labels]
-    return pplxs, n_tokens
+def load_evaluation(path: str, heldout: str) -> dict[str, dict]:
+    """evaluate.py's summary.json -> {real path of each model folder: its metrics}, after checking that
+    it scored ``heldout`` with exact match, normalised exact match and perplexity."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--evaluation {path}: cannot read evaluate.py's summary ({e})") from None
+    if os.path.realpath(summary.get("prompts", "")) != os.path.realpath(heldout):
+        raise UserError(f"--evaluation {path} scored {summary.get('prompts')!r}, not --heldout {heldout}")
+    out = {}
+    for m in summary.get("models", []):
+        missing = [k for k in ("exact_match", "exact_match_norm", "perplexity") if not m["metrics"].get(k)]
+        if missing:
+            raise UserError(f"--evaluation {path}: no {missing[0]} for {m['name']}; run evaluate.py with "
+                            "--metric exact_match exact_match_norm perplexity")
+        out[os.path.realpath(m["path"])] = m["metrics"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -192,10 +176,9 @@ def parse_args(argv=None):
                         "trainer_state.json (train_runtime). Repeat per model.")
     p.add_argument("--baseline", default=None, metavar="MODEL_DIR",
                    help="an untrained model folder scored as a reference row (e.g. runs/models/target)")
-    p.add_argument("--model_max_length", type=int, default=128,
-                   help="tokens per record when scoring (use the training value; 128 fits every sample record)")
-    p.add_argument("--pplx_max_tokens", type=int, default=1536,
-                   help="token budget of a scoring batch (does not change the results; ~1-2k is fastest on CPU)")
+    p.add_argument("--evaluation", required=True, metavar="SUMMARY.json",
+                   help="evaluate.py's summary.json for the same models on --heldout (with --metric exact_match "
+                        "exact_match_norm perplexity): every model figure comes from it")
     p.add_argument("--sample_num_train", type=int, default=None,
                    help="records of the generated training split, if not data/make_sample.py's default (2000)")
     p.add_argument("--sample_seed", type=int, default=None,
@@ -211,8 +194,6 @@ def parse_args(argv=None):
                 float(sec)
             except ValueError:
                 p.error(f"--run {name}: SECONDS must be a number or '-', got {sec!r}")
-    if args.model_max_length < 1 or args.pplx_max_tokens < 1:
-        p.error("--model_max_length and --pplx_max_tokens must be >= 1")
     return args
 
 
@@ -245,25 +226,32 @@ def main(args=None):
     full_records = load_records(args.dataset) if args.dataset else None
     n_train = len(full_records) if full_records is not None else None
 
+    evaluation = load_evaluation(args.evaluation, args.heldout)
     results = []
     entries = ([("untrained target", args.baseline, None, "-")] if args.baseline else []) + [tuple(r) for r in args.run]
-    for i, (name, model_dir, data, sec) in enumerate(entries, 1):
-        print(f"[compare {i}/{len(entries)}] scoring {model_dir} on {args.heldout}", flush=True)
-        pplxs, n_tokens = score_heldout(model_dir, args.heldout, args.model_max_length, args.pplx_max_tokens)
+    for name, model_dir, data, sec in entries:
+        metrics = evaluation.get(os.path.realpath(model_dir))
+        if metrics is None:
+            raise UserError(f"{model_dir} ({name}) is not among the models of --evaluation {args.evaluation}")
+        ppl = metrics["perplexity"]
         results.append({
             "name": name, "model_dir": model_dir, "data": data,
             "records": len(load_records(data)) if data else None,
             "seconds": None if sec == "-" else float(sec), "train_runtime": train_runtime(model_dir),
-            "heldout_ppl": corpus_perplexity(pplxs, n_tokens), "median_ppl": statistics.median(pplxs),
-            "pplxs": pplxs, "n_tokens": n_tokens,
+            "heldout_ppl": ppl["value"], "median_ppl": ppl["median"],
+            **{k: {"value": metrics[k]["value"], "ci95": metrics[k]["ci95"], "correct": metrics[k]["correct"]}
+               for k in ("exact_match", "exact_match_norm")},
+            "pplxs": ppl["per_prompt"], "n_tokens": ppl["per_prompt_tokens"],
+            "em_hits": metrics["exact_match"]["per_prompt"],
         })
 
-    out = ["## Held-out perplexity of the target, by training data (lower is better)", "",
-           results_table(results, n_train), ""]
+    out = ["## Held-out perplexity of the target, by training data (lower is better), and exact match of its "
+           "greedy responses (higher is better)", "", results_table(results, n_train), ""]
     heldout_meta = annotate_heldout(load_records(args.heldout))
     if heldout_meta is not None:
-        out += ["## Held-out perplexity by task family", "",
-                family_ppl_table(results, [m["family"] for m in heldout_meta]), ""]
+        ppl_table, em_table = family_tables(results, [m["family"] for m in heldout_meta])
+        out += ["## Held-out perplexity by task family", "", ppl_table, "",
+                "## Held-out exact match by task family", "", em_table, ""]
     full_path = os.path.realpath(args.dataset) if args.dataset else None
     subsets = [r for r in results if r["data"] and os.path.realpath(r["data"]) != full_path]
     full_meta = annotate_train(full_records) if full_records is not None else None
@@ -285,7 +273,7 @@ def main(args=None):
     if args.output:
         with atomic_write(args.output) as f:
             f.write(text)
-        figures = [{k: v for k, v in r.items() if k not in ("pplxs", "n_tokens")} for r in results]
+        figures = [{k: v for k, v in r.items() if k not in ("pplxs", "n_tokens", "em_hits")} for r in results]
         with atomic_write(os.path.splitext(args.output)[0] + ".json") as f:
             f.write(json.dumps({"heldout": args.heldout, "results": figures}, indent=4))
     return results

@@ -12,7 +12,9 @@
 #   3. process_pickle.py             the ranking CSV with LP(1), and a plot (--plot)
 #      subset.py                     10% lowest LP(1), 10% lowest LP(1)-approx, 10% clust_rand
 #   4. train.py                      the target on each subset and on the full data
-#   5. examples/compare.py           held-out perplexity, subset size, training time, what was picked
+#   5. evaluate.py                   every target (and the untrained one) on the held-out split: greedy
+#                                    responses, exact match, perplexity of the gold responses
+#      examples/compare.py           the table: subset size, training time, evaluate.py's figures, what was picked
 #
 # Settings (environment variables; the defaults are the full quickstart):
 #   QS_RECORDS=0          training records used, 0 = all 2000 of data/sample_train.json (a prefix otherwise)
@@ -25,6 +27,7 @@
 #   QS_BATCH=16           per-device training batch size (records)
 #   QS_SELECTOR_LR=2e-3   QS_TARGET_LR=2e-3   learning rates (tiny random models need ~1e-3, not 2e-5)
 #   QS_MAX_LEN=128        --model_max_length (tokens; the longest sample record has ~100)
+#   QS_NEW_TOKENS=64      evaluate.py --max_new_tokens (the longest held-out answer has ~40 tokens)
 #   QS_THREADS=1          torch threads per process (tiny models: 1 is as fast, and robust on a busy machine)
 #   QS_PARALLEL=1         train the target on the full data in the background, beside steps 1-4 (2 cores);
 #                         0 = everything one after the other
@@ -58,6 +61,7 @@ QS_BATCH=${QS_BATCH:-16}
 QS_SELECTOR_LR=${QS_SELECTOR_LR:-2e-3}
 QS_TARGET_LR=${QS_TARGET_LR:-2e-3}
 QS_MAX_LEN=${QS_MAX_LEN:-128}
+QS_NEW_TOKENS=${QS_NEW_TOKENS:-64}
 QS_THREADS=${QS_THREADS:-1}
 QS_PARALLEL=${QS_PARALLEL:-1}
 QS_RUNS=${QS_RUNS:-runs/quickstart}
@@ -66,12 +70,12 @@ export OMP_NUM_THREADS=$QS_THREADS MKL_NUM_THREADS=$QS_THREADS
 die() { echo "quickstart: error: $*" >&2; exit 1; }
 is_int() { [[ $1 =~ ^[0-9]+$ ]]; }
 for v in QS_RECORDS QS_HELDOUT QS_CLUSTERS QS_SELECTOR_EPOCHS QS_TARGET_EPOCHS QS_SELECTOR_HIDDEN \
-         QS_SELECTOR_LAYERS QS_TARGET_HIDDEN QS_TARGET_LAYERS QS_BATCH QS_MAX_LEN QS_THREADS QS_PARALLEL; do
+         QS_SELECTOR_LAYERS QS_TARGET_HIDDEN QS_TARGET_LAYERS QS_BATCH QS_MAX_LEN QS_NEW_TOKENS QS_THREADS QS_PARALLEL; do
     is_int "${!v}" || die "$v must be a whole number, got '${!v}'"
 done
 (( QS_SELECTOR_EPOCHS >= 3 )) || die "QS_SELECTOR_EPOCHS must be >= 3 (LP(1) needs the dumps P0..P3)"
-(( QS_TARGET_EPOCHS >= 1 && QS_CLUSTERS >= 1 && QS_BATCH >= 1 && QS_THREADS >= 1 )) \
-    || die "QS_TARGET_EPOCHS, QS_CLUSTERS, QS_BATCH and QS_THREADS must be >= 1"
+(( QS_TARGET_EPOCHS >= 1 && QS_CLUSTERS >= 1 && QS_BATCH >= 1 && QS_THREADS >= 1 && QS_NEW_TOKENS >= 1 )) \
+    || die "QS_TARGET_EPOCHS, QS_CLUSTERS, QS_BATCH, QS_THREADS and QS_NEW_TOKENS must be >= 1"
 
 # --- requirements -----------------------------------------------------------------------------
 have() {  # have MODULE...: all importable (found without importing them: fast)
@@ -98,9 +102,9 @@ fi
 CONFIG="records=$QS_RECORDS heldout=$QS_HELDOUT clusters=$QS_CLUSTERS percentage=$QS_PERCENTAGE \
 selector_epochs=$QS_SELECTOR_EPOCHS target_epochs=$QS_TARGET_EPOCHS selector=${QS_SELECTOR_HIDDEN}x$QS_SELECTOR_LAYERS \
 target=${QS_TARGET_HIDDEN}x$QS_TARGET_LAYERS batch=$QS_BATCH selector_lr=$QS_SELECTOR_LR target_lr=$QS_TARGET_LR \
-max_len=$QS_MAX_LEN threads=$QS_THREADS"
+max_len=$QS_MAX_LEN new_tokens=$QS_NEW_TOKENS threads=$QS_THREADS"
 CODE_FILES=(data/sample_train.json data/sample_heldout.json utils.py clustering.py dump_pplxs.py process_pickle.py
-            subset.py train.py examples/make_tiny_models.py examples/compare.py examples/quickstart.sh)
+            subset.py train.py evaluate.py examples/make_tiny_models.py examples/compare.py examples/quickstart.sh)
 HASH=$( { echo "$CONFIG"; cat "${CODE_FILES[@]}"; } | "$PY" -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:10])")
 NAME="n${QS_RECORDS/#0/all}-k$QS_CLUSTERS-p$QS_PERCENTAGE-e$QS_SELECTOR_EPOCHS.$QS_TARGET_EPOCHS-$HASH"
 RUN="$QS_RUNS/$NAME"
@@ -119,7 +123,7 @@ if (( n_done > 0 )); then
 fi
 
 STEP=0
-N_STEPS=10
+N_STEPS=11
 RAN_ANY=0
 T_START=$SECONDS
 # step NAME DESCRIPTION CMD...: run CMD unless NAME finished earlier in this run folder; time it;
@@ -271,14 +275,21 @@ fi
 
 COMPARE_REUSED=0
 [[ -f $RUN/.done/compare ]] && COMPARE_REUSED=1
+EVAL_MODELS=("$RUN/models/target") EVAL_NAMES=(untrained)
 RUN_ARGS=()
 for s in "${SUBSETS[@]}"; do
+    EVAL_MODELS+=("$RUN/targets/$s") EVAL_NAMES+=("${P}_$s")
     RUN_ARGS+=(--run "${P}_$s" "$RUN/targets/$s" "$(subset_file "$s")" "$(cat "$RUN/times/target-$s")")
 done
+EVAL_MODELS+=("$RUN/targets/full") EVAL_NAMES+=(full)
 RUN_ARGS+=(--run full "$RUN/targets/full" "$TRAIN" "$(cat "$RUN/times/target-full")")
-step compare "step 5: compare on the held-out split (examples/compare.py)" \
-    "$PY" examples/compare.py --dataset "$TRAIN" --heldout "$HELDOUT" --baseline "$RUN/models/target" \
-    "${RUN_ARGS[@]}" --model_max_length "$QS_MAX_LEN" --output "$RUN/compare.md"
+step evaluate "step 5: greedy responses, exact match and gold perplexity on the held-out split (evaluate.py)" \
+    "$PY" evaluate.py --models "${EVAL_MODELS[@]}" --names "${EVAL_NAMES[@]}" --prompts "$HELDOUT" \
+    --metric exact_match exact_match_norm perplexity --max_new_tokens "$QS_NEW_TOKENS" --batch_size 32 \
+    --model_max_length "$QS_MAX_LEN" --output_dir "$RUN/eval" --no_progress
+step compare "step 5: the comparison table (examples/compare.py)" \
+    "$PY" examples/compare.py --dataset "$TRAIN" --heldout "$HELDOUT" --evaluation "$RUN/eval/summary.json" \
+    --baseline "$RUN/models/target" "${RUN_ARGS[@]}" --output "$RUN/compare.md"
 if [[ $COMPARE_REUSED == 1 ]]; then
     echo; cat "$RUN/compare.md"  # the step was reused: show its table again
 fi
@@ -293,5 +304,6 @@ echo "  ranking CSV       $RUN/l1-rankings/selector-l1_ranking.csv"
 if (( HAVE_PLOT )); then echo "  plot              $PLOT"; fi
 for s in "${SUBSETS[@]}"; do printf '  subset %-10s %s\n' "$s" "$(subset_file "$s")"; done
 for s in "${SUBSETS[@]}" full; do printf '  target %-10s %s\n' "$s" "$RUN/targets/$s"; done
+echo "  evaluation        $RUN/eval/summary.md, responses in $RUN/eval/generations/"
 echo "  comparison        $RUN/compare.md (and compare.json)"
 echo "  logs              $RUN/logs/"

@@ -24,7 +24,7 @@ N, N_HELDOUT, K, P = 120, 40, 6, 10
 ENV = {
     "QS_RECORDS": str(N), "QS_HELDOUT": str(N_HELDOUT), "QS_CLUSTERS": str(K), "QS_PERCENTAGE": str(P),
     "QS_TARGET_EPOCHS": "1", "QS_SELECTOR_HIDDEN": "32", "QS_TARGET_HIDDEN": "64", "QS_TARGET_LAYERS": "2",
-    "QS_BATCH": "8",
+    "QS_BATCH": "8", "QS_NEW_TOKENS": "24",
 }
 KINDS = ("lp1", "lp1_approx", "clust_rand")
 
@@ -98,6 +98,7 @@ def test_outputs_in_the_papers_formats(quickstart):
             assert os.path.isfile(os.path.join(d, fn)), (name, fn)
     # the closing message names the outputs
     assert "comparison" in out and os.path.join(run, "compare.md") in out
+    assert os.path.join(run, "eval", "summary.md") in out
 
 
 @pytest.mark.slow
@@ -145,15 +146,41 @@ def test_comparison_table(quickstart):
         assert r["picked"]["noisy"] == sum(m["noisy"] for m in meta)
         assert sum(r["picked"]["families"].values()) == len(sub)
     assert "noisy (corrupted output)" in text and "Held-out perplexity by task family" in text
+    assert "Held-out exact match by task family" in text
+
+
+@pytest.mark.slow
+def test_exact_match_recomputed_from_the_responses(quickstart):
+    """evaluate.py's responses (one JSONL per model, every held-out prompt) give the exact-match figures of
+    the comparison when recomputed here, and the untrained model answers nothing right."""
+    _, run, _ = quickstart
+    heldout = load_records(os.path.join(run, "data", "heldout.json"))
+    summary = json.loads(_read(os.path.join(run, "eval", "summary.json")))
+    res = {r["name"]: r for r in json.loads(_read(os.path.join(run, "compare.json")))["results"]}
+    names = {"untrained": "untrained target", f"{P}_lp1": f"{P}_lp1", f"{P}_lp1_approx": f"{P}_lp1_approx",
+             f"{P}_clust_rand": f"{P}_clust_rand", "full": "full"}
+    assert [m["name"] for m in summary["models"]] == list(names)
+    for m in summary["models"]:
+        with open(m["generations"], encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        assert [r["gold"] for r in rows] == [h["output"] for h in heldout]
+        assert all(r["prompt"].endswith("### Response:") for r in rows)
+        hits = sum(r["response"].strip() == h["output"].strip() for r, h in zip(rows, heldout))
+        em = res[names[m["name"]]]["exact_match"]
+        assert em["correct"] == hits and em["value"] == hits / N_HELDOUT
+        assert em["ci95"][0] <= em["value"] <= em["ci95"][1]
+        assert res[names[m["name"]]]["exact_match_norm"]["correct"] >= hits
+    assert res["untrained target"]["exact_match"]["correct"] == 0
 
 
 @pytest.mark.slow
 def test_rerun_reuses_every_step(quickstart):
     runs, run, _ = quickstart
-    before = {p: os.path.getmtime(os.path.join(run, p)) for p in ("compare.md", "dump-pplxs/epoch-3.pkl")}
+    before = {p: os.path.getmtime(os.path.join(run, p))
+              for p in ("compare.md", "eval/summary.json", "dump-pplxs/epoch-3.pkl")}
     proc = _run(runs)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("done earlier") == 10
+    assert proc.stdout.count("done earlier") == 11
     assert "QS_FRESH=1" in proc.stdout  # says how to start over
     assert "| full |" in proc.stdout  # the table is shown again
     assert os.path.realpath(os.path.join(runs, "latest")) == run
