@@ -231,7 +231,10 @@ def _decode(path: str, raw: bytes) -> str:
                         "re-save it as UTF-8") from None
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
+    """The text of a UTF-8 file (``.gz`` decompressed; a byte-order mark dropped); one-line errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
     try:
         if path.endswith(".gz"):
             with gzip.open(path, "rb") as f:
@@ -247,7 +250,7 @@ def _read_text(path: str) -> str:
 def _read_json_or_jsonl(path: str, force_jsonl: bool, record_keys) -> tuple[str, list, list[str] | None]:
     """("json", records, None) for a JSON list, ("jsonl", records, source lines) for JSONL. A file
     holding one JSON object with none of ``record_keys`` is an error (a wrapper such as {"data": [...]})."""
-    text = _read_text(path)
+    text = read_text(path)
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path}: the dataset is empty")

@@ -75,13 +75,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
+import data
 from utils import (
     CHAT_SYSTEM_PREFIX,
     CHAT_TURN,
     IGNORE_INDEX,
     UserError,
-    _read_text,
-    _validate_record,
     atomic_write,
     format_prompt,
     is_chat,
@@ -293,7 +292,7 @@ def load_prompts(path: str, prompt_field: str | None = None) -> list[dict]:
     """Read a prompt set (JSON list or JSONL, optionally .gz). Returns one dict per prompt, file order:
     {"record": the record rendered for the model (Alpaca or chat), "gold": gold answer or None,
     "question": the request as shown to a judge, "id": the record's id/question_id if any}."""
-    text = _read_text(path)
+    text = data.read_text(path)
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path}: the prompt file is empty")
@@ -322,10 +321,11 @@ def _prompt_entry(path: str, i: int, r, prompt_field: str | None) -> dict:
         return {"record": rec, "gold": gold, "question": r[prompt_field], "id": rid}
     if "messages" in r:
         msgs = r["messages"]
-        # utils' checks of a chat record; an open prompt (no assistant turn yet) is checked as if answered
+        # the loader's checks of a chat record (data.make_view); an open prompt (no assistant turn yet) is checked as if answered
         open_prompt = isinstance(msgs, list) and msgs and not any(isinstance(m, dict) and m.get("role") == "assistant"
                                                                  for m in msgs)
-        _validate_record(path, i, {"messages": msgs + [{"role": "assistant", "content": ""}]} if open_prompt else r, True)
+        data.make_view(path, i, {"messages": msgs + [{"role": "assistant", "content": ""}]} if open_prompt else r,
+                       True, data.Fields().resolved())
         has_gold = msgs[-1]["role"] == "assistant"
         context = msgs[:-1] if has_gold else msgs
         if not context:
@@ -818,7 +818,7 @@ def _is_responses_file(path: str) -> bool:
 
 def _read_jsonl(path: str) -> list[dict]:
     rows = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(data.read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -828,7 +828,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _load_responses(path: str, prompts: list[dict]) -> list[dict]:
-    text = _read_text(path)
+    text = data.read_text(path)
     rows = json.loads(text) if text.lstrip().startswith("[") else _read_jsonl(path)
     if len(rows) != len(prompts):
         raise UserError(f"{path}: {len(rows)} responses for {len(prompts)} prompts (one per prompt, prompt order)")
@@ -1056,12 +1056,12 @@ def main(args=None):
             raise UserError(f"--models {path}: no such folder or file")
     template = JUDGE_TEMPLATE
     if args.judge_template:
-        template = _read_text(args.judge_template)
+        template = data.read_text(args.judge_template)
         absent = [f for f in TEMPLATE_FIELDS if "{" + f + "}" not in template]
         if absent:
             raise UserError(f"--judge_template {args.judge_template}: no placeholder {{{absent[0]}}}")
     os.makedirs(args.output_dir, exist_ok=True)
-    from clustering import file_sha256
+    from utils import file_sha256
 
     prompt_hash = file_sha256(args.prompts)
     print(f"{len(prompts)} prompts from {args.prompts}; {len(args.models)} models", flush=True)
