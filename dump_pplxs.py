@@ -244,6 +244,8 @@ def _supports_logits_to_keep(model) -> bool:
     inner = model
     for _ in range(4):  # DDP / FSDP1 / compiled wrappers keep the real model in .module / ._orig_mod
         inner = getattr(inner, "module", getattr(inner, "_orig_mod", inner))
+        if hasattr(inner, "get_base_model"):  # peft (LoRA): forwards logits_to_keep to the adapted model
+            inner = inner.get_base_model()
     try:
         return "logits_to_keep" in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
