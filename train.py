@@ -430,13 +430,13 @@ def load_tokenizer(path: str, cache_dir: str | None = None, **kwargs):
                                                   add_prefix_space=proto.normalizer_spec.add_dummy_prefix, **kwargs)
         return transformers.AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, **kwargs)
     except (ImportError, ValueError, OSError, TypeError) as e:
+        if files and not ({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"} & files):
+            raise UserError(f"--model_name_or_path {path}: no tokenizer files in the folder (tokenizer.json, "
+                            "tokenizer_config.json or tokenizer.model)") from None
         pkg = _missing_package(e)
         if pkg:
             raise UserError(f"--model_name_or_path {path}: reading its tokenizer needs the '{pkg}' package "
                             f"(pip install -r requirements.txt)") from None
-        if files and not ({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"} & files):
-            raise UserError(f"--model_name_or_path {path}: no tokenizer files in the folder (tokenizer.json, "
-                            "tokenizer_config.json or tokenizer.model)") from None
         raise UserError(f"--model_name_or_path {path}: cannot load the tokenizer ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
