@@ -21,9 +21,12 @@ r"""Step 4: fine-tune the large (target) model on the chosen subset with the Hug
     python train.py ... --resume_from_checkpoint last
 
 Records are Alpaca records (instruction, input, output; JSON list or JSONL, optionally .gz) or
-chat records {"messages": [...]}; they are formatted with the Stanford Alpaca prompt and only the
-response tokens (+ eos) are trained on (see utils.tokenize_records). The model, tokenizer and
-trainer_state.json are written to --output_dir.
+chat records {"messages": [...]}. Alpaca records are formatted with the Stanford Alpaca prompt and
+only the response tokens (+ eos) are trained on; chat records are rendered with the tokenizer's chat
+template (or the built-in one) and only the assistant turns (+ end-of-turn marker) are trained on
+(rendering.py; --chat_template, --response_boundary, --alpaca_as_chat). The model, tokenizer and
+trainer_state.json are written to --output_dir; with --lora_r the LoRA adapter (and, with
+--merge_lora True, the merged model in {output_dir}/merged).
 
 Flags from transformers 4.x that 5.x removed are rewritten with a one-line notice
 (translate_legacy_flags): --evaluation_strategy -> --eval_strategy, --warmup_ratio R ->
@@ -473,7 +476,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Training
     if lora is not None:
         from peft import get_peft_model
 
-        if training_args.gradient_checkpointing:
+        if getattr(training_args, "activation_checkpointing", False) or training_args.gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
         try:
             model = get_peft_model(model, lora)
