@@ -127,8 +127,13 @@ def alpaca_to_messages(record: dict) -> list[dict]:
 # Which template, which boundary
 
 
+def _template(tokenizer) -> str | None:
+    t = getattr(tokenizer, "chat_template", None)
+    return t.get("default") if isinstance(t, dict) else t  # a tokenizer may ship several named templates
+
+
 def uses_tokenizer_template(tokenizer, options: RenderOptions) -> bool:
-    has = bool(getattr(tokenizer, "chat_template", None))
+    has = bool(_template(tokenizer))
     if options.chat_template == "tokenizer" and not has:
         raise UserError("--chat_template tokenizer: the tokenizer has no chat template "
                         "(use --chat_template builtin or auto)")
@@ -240,7 +245,7 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def _render_with_template(messages: list[dict], tokenizer) -> Rendered:
-    template = tokenizer.chat_template
+    template = _template(tokenizer)
     text = _apply_template(tokenizer, messages)
     specials = _special_strings(tokenizer)
     if _GENERATION_TAG.search(template):

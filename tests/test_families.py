@@ -240,6 +240,17 @@ def test_chat_template_flag_without_a_template_is_a_user_error(families):
         tokenize_records(CHAT_RECORDS, tok, 256, RenderOptions(chat_template="tokenizer"))
     ids, lab = tokenize_records(CHAT_RECORDS[:1], tok, 256)  # auto: the built-in template
     assert tok.decode(scored(ids[0], lab[0])) == "Paris<|endoftext|>tenalp, the word reversed.<|endoftext|>"
+    text, p_ids = render_prompt(CHAT_RECORDS[0], tok)
+    assert text.endswith("### User:\nReverse the word planet.\n\n### Assistant:\n") and ids[0][: len(p_ids)] == p_ids
+
+
+def test_rendering_flags_reach_both_scripts(tiny_dataset):
+    margs, dargs, targs = train.parse_args(["--data_path", tiny_dataset, "--output_dir", "/tmp/x", "--response_boundary",
+                                            "exact", "--chat_template", "builtin", "--alpaca_as_chat", "True"])
+    assert dargs.render_options() == RenderOptions("exact", "builtin", True)
+    assert train.parse_args(["--data_path", tiny_dataset, "--output_dir", "/tmp/x"])[1].render_options() == RenderOptions()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data_path", tiny_dataset, "--output_dir", "/tmp/x", "--response_boundary", "offsets"])
 
 
 # ---------------------------------------------------------------- SentencePiece-only folders and load errors

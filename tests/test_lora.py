@@ -49,10 +49,12 @@ class _KeepModel(TrainerCallback):
         self.model = model
 
 
-@pytest.mark.slow
-def test_lora_dump_run_scores_the_adapted_model(qwen2, mixed_dataset, tmp_path):
+def test_lora_dump_run_scores_the_adapted_model(qwen2, mixed_dataset, tmp_path, capsys):
     keep = _KeepModel()
     dump_pplxs.main(_argv(qwen2, mixed_dataset, tmp_path, "--dump_dir", str(tmp_path / "dumps")), callbacks=[keep])
+    err = capsys.readouterr().err
+    assert "3 of 9 records" in err and "3 tokenized prompt and response separately" in err  # reported, not silent
+    assert "LoRA r=4:" in err
     p0, p1 = (load_pplxs(tmp_path / "dumps" / n) for n in ("epoch-pre.pkl", "epoch-1.pkl"))
     adapted = keep.model
     assert type(adapted).__name__ == "PeftModelForCausalLM"
@@ -75,7 +77,6 @@ def test_lora_dump_run_scores_the_adapted_model(qwen2, mixed_dataset, tmp_path):
             assert torch.equal(w, base_sd[key]), n
 
 
-@pytest.mark.slow
 def test_lora_train_saves_adapter_and_merged_model(qwen2, mixed_dataset, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
