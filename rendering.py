@@ -113,7 +113,7 @@ def format_prompt(record: dict) -> str:
 
 
 def alpaca_to_messages(record: dict) -> list[dict]:
-    """An Alpaca record as a one-turn conversation: the user asks the instruction (and the input
+    r"""An Alpaca record as a one-turn conversation: the user asks the instruction (and the input
     after a blank line), the assistant answers the output.
 
     >>> alpaca_to_messages({"instruction": "Add.", "input": "1 and 2", "output": "3"})

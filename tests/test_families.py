@@ -46,6 +46,12 @@ def scored(ids, lab):
     return [t for t, y in zip(ids, lab) if y != IGNORE_INDEX]
 
 
+def test_rendering_doctests():
+    import doctest
+
+    assert doctest.testmod(rendering).failed == 0
+
+
 # ---------------------------------------------------------------- special tokens
 
 
@@ -304,3 +310,8 @@ def test_dumped_perplexity_equals_reference_for_each_family(families, name):
     ref = reference_pplxs(model, ids, lab)
     assert stats.n_batches > 1 and max_rel_diff(got, ref) < 1e-5
     assert all(p > 1.5 for p in ref)
+    end = TEMPLATE_END.get(name, tok.eos_token)  # the template's end-of-turn marker, else the built-in eos
+    for r, x, y in zip(TINY_RECORDS + CHAT_RECORDS, ids, lab):
+        want = r["output"] + tok.eos_token if "output" in r else "".join(
+            m["content"] + end for m in r["messages"] if m["role"] == "assistant")
+        assert tok.decode(scored(x, y)) == want
