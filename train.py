@@ -406,8 +406,9 @@ def parse_args(argv: Sequence[str] | None = None, extra_dataclasses: Sequence[ty
 def _missing_package(e: BaseException) -> str | None:
     """The package an import/conversion error asks for, if any (sentencepiece, protobuf, tiktoken...)."""
     text = str(e).lower()
+    asks = isinstance(e, ImportError) or any(w in text for w in ("install", "is required", "requires"))
     for pkg in ("sentencepiece", "protobuf", "tiktoken", "tokenizers", "peft", "accelerate"):
-        if pkg in text:
+        if pkg in text and asks:
             return pkg
     name = getattr(e, "name", None)
     return name.split(".")[0] if isinstance(e, ImportError) and name else None
@@ -432,7 +433,7 @@ def load_tokenizer(path: str, cache_dir: str | None = None, **kwargs):
             return LlamaTokenizer.from_pretrained(path, add_bos_token=True, legacy=True,
                                                   add_prefix_space=proto.normalizer_spec.add_dummy_prefix, **kwargs)
         return transformers.AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, **kwargs)
-    except (ImportError, ValueError, OSError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to read the user's tokenizer is reported in one line
         if files and not ({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"} & files):
             raise UserError(f"--model_name_or_path {path}: no tokenizer files in the folder (tokenizer.json, "
                             "tokenizer_config.json or tokenizer.model)") from None

@@ -289,6 +289,14 @@ def test_load_errors_are_one_line_and_name_what_is_missing(families, tmp_path, m
     with pytest.raises(utils.UserError, match="cannot load the model") as e:
         _load(str(no_weights))
     assert "\n" not in str(e.value)
+    broken = tmp_path / "broken-tokenizer"
+    broken.mkdir()
+    for f in os.listdir(families["qwen2"]):
+        if f != "tokenizer.json":
+            os.symlink(os.path.join(families["qwen2"], f), broken / f)
+    (broken / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(utils.UserError, match="cannot load the tokenizer"):
+        train.load_tokenizer(str(broken))
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if sentencepiece were not installed
     monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
     with pytest.raises(utils.UserError, match="needs the 'sentencepiece' package") as e:
