@@ -84,6 +84,22 @@ def test_special_tokens_never_shrink_and_no_bos_unk_added(families, name):
         assert tied
 
 
+def test_pad_to_multiple_of_rounds_the_grown_matrix_up(families):
+    from transformers import AutoModelForCausalLM
+
+    path = families["gpt2"]  # 400 ids, 400 rows, no pad, tied
+    tok = train.load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert utils.add_missing_special_tokens(tok, model, pad_to_multiple_of=64) == 1
+    w = model.get_input_embeddings().weight.detach()
+    assert w.shape[0] == 448 and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert torch.equal(w[:400], old) and torch.equal(w[400], old.mean(0))
+    margs = train.parse_args(["--data_path", __file__, "--output_dir", "/tmp/x", "--pad_embeddings_to_multiple_of",
+                              "64"])[0]
+    assert margs.pad_embeddings_to_multiple_of == 64
+
+
 def _todays_add_missing_special_tokens(tokenizer, model):
     """The code path before this change (pad/eos/bos/unk added, resize to len(tokenizer), mean of all
     old rows into the last rows), kept here as the reference for Llama-2/OPT."""
