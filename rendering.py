@@ -249,9 +249,11 @@ def _render_with_template(messages: list[dict], tokenizer) -> Rendered:
     text = _apply_template(tokenizer, messages)
     specials = _special_strings(tokenizer)
     if _GENERATION_TAG.search(template):
-        spans = _generation_spans(messages, tokenizer, text)
-        spans = [(a, _extend_to_marker(text, b, len(text), specials) if not any(text[a:b].endswith(s) for s in specials)
-                  else b) for a, b in spans]
+        spans = []
+        for a, b in _generation_spans(messages, tokenizer, text):
+            if not any(text[a:b].endswith(s) for s in specials):  # the marker was left outside the block
+                b = _extend_to_marker(text, b, len(text), specials)
+            spans.append((a, b))
         return Rendered(text, spans, False)
     spans = []
     for i, m in enumerate(messages):

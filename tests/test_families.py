@@ -256,6 +256,18 @@ def test_chat_template_scores_assistant_turns_and_end_marker(families, name):
         assert "### Response" not in tok.decode(x)
 
 
+def test_generation_block_without_the_marker_still_scores_the_marker(families):
+    from tests._families import CHATML_GENERATION_TEMPLATE
+
+    _, tok = _load(families["qwen2"])
+    inside = "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    outside = "{% generation %}{{- message['content'] }}{% endgeneration %}{{- '<|im_end|>' }}"
+    assert inside in CHATML_GENERATION_TEMPLATE
+    tok.chat_template = CHATML_GENERATION_TEMPLATE.replace(inside, outside)
+    ids, lab = tokenize_records(CHAT_RECORDS[:1], tok, 256)
+    assert tok.decode(scored(ids[0], lab[0])) == "Paris<|im_end|>tenalp, the word reversed.<|im_end|>"
+
+
 def test_chat_template_flag_without_a_template_is_a_user_error(families):
     _, tok = _load(families["gpt2"])
     with pytest.raises(utils.UserError, match="no chat template"):
