@@ -165,6 +165,59 @@ def test_zero3_writes_the_rows_inside_gathered_parameters(families, monkeypatch)
     assert isinstance(utils.embedding_gather([]), type(__import__("contextlib").nullcontext()))
 
 
+def _todays_tokenize_records(records, tok, max_len):
+    """The tokenization before this change (Alpaca: mask len(tok(prompt)); chat: the built-in template,
+    prefix lengths), kept here as the reference for Llama-2/OPT-style tokenizers."""
+    def enc(texts):
+        return tok(texts, truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"]
+
+    out_ids, out_lab = [], []
+    for r in records:
+        if "messages" not in r:
+            src = rendering.format_prompt(r)
+            ids = enc([src + r["output"] + tok.eos_token])[0]
+            n = min(len(enc([src])[0]), len(ids))
+            lab = [IGNORE_INDEX] * n + ids[n:]
+        else:
+            text, spans = "Below is a conversation between a user and an assistant.\n\n", []
+            for m in r["messages"]:
+                text += f"### {m['role'].capitalize()}:\n"
+                if m["role"] == "assistant":
+                    start = text
+                    text += m["content"] + tok.eos_token
+                    spans.append((start, text))
+                    text += "\n\n"
+                else:
+                    text += m["content"] + "\n\n"
+            ids = enc([text])[0]
+            lab = [IGNORE_INDEX] * len(ids)
+            for a_text, b_text in spans:
+                a, b = (len(x) for x in enc([a_text, b_text]))
+                lab[a:b] = ids[a:b]
+        out_ids.append(ids)
+        out_lab.append(lab)
+    return out_ids, out_lab
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_llama_opt_tokenization_identical_to_todays_code(arch, tmp_path):
+    """Default flags on the paper's kind of tokenizer (the quickstart's GPT-2-style byte-level BPE, trained
+    on the sample data): every record tokenized and masked exactly as before, including the responses
+    starting with '{"' whose boundary mismatches (':{"' is one pre-token): found, reported, kept."""
+    from examples.make_tiny_models import corpus, train_bpe_tokenizer
+
+    sample = utils.load_records(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "sample_train.json"))
+    tok = train_bpe_tokenizer(corpus(sample[:600]), 800, str(tmp_path / "tok"), arch=arch)
+    records = sample[:300] + TINY_RECORDS + CHAT_RECORDS
+    for max_len in (48, 256):  # 48 truncates most records
+        stats = BoundaryStats()
+        got = tokenize_records(records, tok, max_len, stats=stats)
+        assert got == _todays_tokenize_records(records, tok, max_len)
+        assert stats.mode == "paper"
+    json_outputs = [i for i, r in enumerate(records) if r.get("output", "").startswith('{"')]
+    assert json_outputs and set(stats.mismatched) <= set(json_outputs) and len(stats.mismatched) >= 5
+
+
 # ---------------------------------------------------------------- truncation side
 
 
