@@ -1,6 +1,7 @@
 """Shared pieces of the Small2Large pipeline: loading and validating files, safe pickles,
-atomic writes, the Learning-Percentage formulas, and the supervised (Alpaca-prompt) data
-used by both train.py and dump_pplxs.py.
+atomic writes, the Learning-Percentage formulas, the special tokens a model needs, and the
+supervised data used by both train.py and dump_pplxs.py (records are rendered and tokenized by
+rendering.py; its names format_prompt, tokenize_records, PROMPT_DICT, ... are importable from here).
 
 Nothing here does work at import time; the heavy imports (torch, transformers) happen
 inside the functions that need them, so clustering.py / subset.py stay fast to start.
