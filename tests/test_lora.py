@@ -104,3 +104,16 @@ def test_lora_flags_are_checked():
         train.parse_args(["--data_path", __file__, "--output_dir", "/tmp/x", "--lora_r", "-1"])
     m = train.ModelArguments("x", lora_r=8, lora_target_modules="q_proj, v_proj")
     assert m.lora_config().target_modules == {"q_proj", "v_proj"} and m.lora_config().r == 8
+
+
+def test_unknown_lora_target_module_is_a_user_error(qwen2, tmp_path):
+    from utils import UserError
+
+    margs = train.ModelArguments(qwen2, lora_r=4, lora_target_modules="no_such_proj")
+    targs = train.TrainingArguments(output_dir=str(tmp_path), model_max_length=64, report_to="none")
+    with pytest.raises(UserError, match="--lora_target_modules no_such_proj"):
+        train.load_model_and_tokenizer(margs, targs)
+    margs = train.ModelArguments(qwen2, lora_r=4, lora_target_modules="q_proj,v_proj")
+    model, _ = train.load_model_and_tokenizer(margs, targs)
+    names = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"q_proj", "v_proj"}
