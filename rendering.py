@@ -268,13 +268,35 @@ def _render_with_template(messages: list[dict], tokenizer) -> Rendered:
         content = m["content"].strip()  # templates often trim it (Llama-3's does)
         if not content:
             continue  # an empty answer: nothing to score in this turn
-        start = text.find(content, len(before), len(upto))
+        start = _content_start(text, content, len(before), len(upto), specials)
         if start < 0:
             raise UserError(f"the tokenizer's chat template changes the assistant's content (message {i}); "
                             "use --chat_template builtin")
         end = _extend_to_marker(text, start + len(content), len(upto), specials)
         spans.append((start, end))
     return Rendered(text, spans, False)
+
+
+def _content_start(text: str, content: str, lo: int, hi: int, specials: list[str]) -> int:
+    """Where an assistant turn's content starts in text[lo:hi] (the turn): the last occurrence that
+    only whitespace and special tokens (the end-of-turn marker) follow -- so a content such as "a" or
+    "end" is not found inside the header or the marker. -1 if the template changed the content."""
+    pos = text.rfind(content, lo, hi)
+    while pos >= 0:
+        rest = text[pos + len(content): hi]
+        while True:
+            stripped = rest.lstrip()
+            for sp in specials:
+                if stripped.startswith(sp):
+                    stripped = stripped[len(sp):]
+                    break
+            if stripped == rest:
+                break
+            rest = stripped
+        if not rest:
+            return pos
+        pos = text.rfind(content, lo, pos + len(content) - 1)
+    return -1
 
 
 def _generation_spans(messages, tokenizer, text) -> list[tuple[int, int]]:

@@ -309,6 +309,18 @@ def test_chat_template_scores_assistant_turns_and_end_marker(families, name):
         assert "### Response" not in tok.decode(x)
 
 
+@pytest.mark.parametrize("name", sorted(TEMPLATE_END))
+def test_answers_that_also_occur_in_the_header_or_marker(families, name):
+    """An answer such as "assistant", "end" or "id" also occurs in the role header or the marker: the
+    content found is the one the end-of-turn marker follows."""
+    _, tok = _load(families[name])
+    end = TEMPLATE_END[name]
+    for answer in ("assistant", "end", "id", "a"):
+        rec = {"messages": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": answer}]}
+        ids, lab = tokenize_records([rec], tok, 256)
+        assert tok.decode(scored(ids[0], lab[0])) == answer + end, answer
+
+
 def test_generation_block_without_the_marker_still_scores_the_marker(families):
     from tests._families import CHATML_GENERATION_TEMPLATE
 
