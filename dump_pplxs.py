@@ -255,6 +255,8 @@ def auto_token_budget(free_bytes: int, vocab_size: int, hidden_size: int, interm
 def _unwrap(model):
     for _ in range(4):  # DDP / FSDP1 / DeepSpeed / compiled wrappers keep the real model in .module / ._orig_mod
         model = getattr(model, "module", getattr(model, "_orig_mod", model))
+        if hasattr(model, "get_base_model"):  # peft (LoRA): the adapted model, LoRA layers injected in place
+            model = model.get_base_model()
     return model
 
 

@@ -77,13 +77,9 @@ import numpy as np
 
 import data
 from utils import (
-    CHAT_SYSTEM_PREFIX,
-    CHAT_TURN,
     IGNORE_INDEX,
     UserError,
     atomic_write,
-    format_prompt,
-    is_chat,
     run_cli,
 )
 
@@ -350,29 +346,15 @@ def _prompt_entry(path: str, i: int, r, prompt_field: str | None) -> dict:
     return {"record": rec, "gold": gold, "question": question, "id": rid}
 
 
-def prompt_ids(record: dict, tokenizer) -> list[int]:
+def prompt_ids(record: dict, tokenizer, options=None) -> list[int]:
     """THE rendering of a record's prompt for generation: the token ids that training puts before the
-    (last) response, so the model continues exactly where it learned to answer. Every other part of
-    evaluate.py goes through this function.
+    (last) response, so the model continues exactly where it learned to answer (rendering.render_prompt,
+    the routine train.py and dump_pplxs.py render with; ``options``: a rendering.RenderOptions, i.e.
+    --chat_template / --alpaca_as_chat as given to train.py). Every other part of evaluate.py goes
+    through this function. A chat record without a final assistant turn gets the generation prompt."""
+    from rendering import RenderOptions, render_prompt
 
-    Alpaca records: utils.format_prompt tokenized alone (train.py masks exactly these tokens). Chat
-    records: the text utils._tokenize_chat builds up to and including the header of the last assistant
-    turn (earlier assistant turns end with eos as in training); a record without a final assistant
-    turn gets a new assistant header.
-    When the project's tokenization moves to the tokenizer's chat template, replace this body with the
-    shared rendering routine (tests/test_evaluate.py checks the equality with utils.tokenize_records)."""
-    if not is_chat(record):
-        text = format_prompt(record)
-    else:
-        msgs = record["messages"]
-        if msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
-        text = CHAT_SYSTEM_PREFIX
-        for m in msgs:
-            text += CHAT_TURN.format(role=m["role"].capitalize()) + m["content"]
-            text += (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n\n"
-        text += CHAT_TURN.format(role="Assistant")
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    return render_prompt(record, tokenizer, options or RenderOptions())[1]
 
 
 # ----------------------------------------------------------------------------------------
@@ -423,10 +405,13 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def load_tokenizer(path: str, model_max_length: int):
-    from transformers import AutoTokenizer
+    """train.py's tokenizer loading (a SentencePiece-only folder reads as Llama's, as in training)."""
+    import train
 
     try:
-        return AutoTokenizer.from_pretrained(path, model_max_length=model_max_length)
+        return train.load_tokenizer(path, model_max_length=model_max_length)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - any loading failure is the user's model folder
         raise UserError(f"--models {path}: cannot load the tokenizer ({_one_line(e)})") from None
 
@@ -497,14 +482,15 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 
 def gold_perplexities(model, tokenizer, records: Sequence[dict], model_max_length: int,
-                      max_tokens: int) -> tuple[list[float], list[int]]:
+                      max_tokens: int, options=None) -> tuple[list[float], list[int]]:
     """Perplexity (mean over the response tokens) of every record's gold response, tokenized and
-    scored exactly as training scores it (utils.tokenize_records, dump_pplxs.score_pplxs), and the
-    number of scored tokens of each."""
+    scored exactly as training scores it (rendering.tokenize_records with the training's ``options``,
+    dump_pplxs.score_pplxs), and the number of scored tokens of each."""
     from dump_pplxs import score_pplxs
-    from utils import SupervisedData, tokenize_records
+    from rendering import RenderOptions, tokenize_records
+    from utils import SupervisedData
 
-    ids, labels = tokenize_records(records, tokenizer, model_max_length)
+    ids, labels = tokenize_records(records, tokenizer, model_max_length, options or RenderOptions())
     pplxs, _ = score_pplxs(model, SupervisedData(ids, labels), tokenizer.pad_token_id, max_tokens=max_tokens,
                            denominator="mean", progress=False)
     n_tokens = [sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in labels]
@@ -733,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take each prompt from this field instead (e.g. 'text' for Vicuna's questions, 'prompt' for "
                         "Koala's); it is rendered as an Alpaca instruction without input")
     p.add_argument("--output_dir", default="eval", help="where generations, verdicts and summary.md go")
+    r = p.add_argument_group("rendering (give what train.py was given)")
+    r.add_argument("--chat_template", choices=["auto", "tokenizer", "builtin"], default="auto",
+                   help="chat records: the tokenizer's chat template when it has one (auto), required (tokenizer), or "
+                        "the built-in '### Role:' template (builtin); as train.py's --chat_template")
+    r.add_argument("--alpaca_as_chat", action="store_true",
+                   help="render Alpaca prompts as a one-turn conversation with the chat template (as train.py's "
+                        "--alpaca_as_chat True); default: the paper's Alpaca prompt")
     g = p.add_argument_group("generation")
     g.add_argument("--max_new_tokens", type=int, default=512,
                    help="longest response in tokens (512 suits open-ended test sets; ~64 for short answers)")
@@ -884,6 +877,13 @@ class ModelRunner:
         return self.loaded[path]
 
 
+def render_options(args):
+    """The rendering flags (as given to train.py) as a rendering.RenderOptions."""
+    from rendering import RenderOptions
+
+    return RenderOptions(chat_template=args.chat_template, alpaca_as_chat=args.alpaca_as_chat)
+
+
 def generations_for(args, name: str, path: str, prompts: list[dict], prompt_hash: str, runner: ModelRunner):
     """The rows of OUTPUT_DIR/generations/NAME-KEY.jsonl, generated only if no file with that KEY exists.
     Returns (rows, file, reused)."""
@@ -895,7 +895,7 @@ def generations_for(args, name: str, path: str, prompts: list[dict], prompt_hash
         _write_jsonl(out, rows)
         return rows, out, True
     tokenizer = load_tokenizer(path, args.model_max_length)  # fast: the key needs the rendered prompts only
-    ids = [prompt_ids(p["record"], tokenizer) for p in prompts]
+    ids = [prompt_ids(p["record"], tokenizer, render_options(args)) for p in prompts]
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_p": args.top_p if args.temperature > 0 else None,
@@ -912,7 +912,7 @@ def generations_for(args, name: str, path: str, prompts: list[dict], prompt_hash
             print(f"[{name}] generations reused: {c}", flush=True)
             return rows, c, True
     model, tok = runner.get(path)
-    ids = [prompt_ids(p["record"], tok) for p in prompts]  # with the special tokens train.py adds, as trained
+    ids = [prompt_ids(p["record"], tok, render_options(args)) for p in prompts]  # with train.py's added tokens
     n_pos = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(x) for x in ids)
     if n_pos is not None and longest + args.max_new_tokens > n_pos:
@@ -953,7 +953,7 @@ def evaluate_metrics(args, name, path, prompts, rows, runner) -> dict:
         else:
             model, tok = runner.get(path)
             pplxs, n_tokens = gold_perplexities(model, tok, [p["record"] for p in prompts], args.model_max_length,
-                                                args.pplx_max_tokens)
+                                                args.pplx_max_tokens, render_options(args))
             res["perplexity"] = {"value": corpus_perplexity(pplxs, n_tokens), "median": float(np.median(pplxs)),
                                  "n_fully_truncated": sum(1 for n in n_tokens if n == 0),
                                  "per_prompt": pplxs, "per_prompt_tokens": n_tokens}

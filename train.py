@@ -22,9 +22,12 @@ r"""Step 4: fine-tune the large (target) model on the chosen subset with the Hug
     python train.py ... --resume_from_checkpoint last
 
 Records are Alpaca records (instruction, input, output; JSON list or JSONL, optionally .gz) or
-chat records {"messages": [...]}; they are formatted with the Stanford Alpaca prompt and only the
-response tokens (+ eos) are trained on (see utils.tokenize_records). The model, tokenizer and
-trainer_state.json are written to --output_dir.
+chat records {"messages": [...]}. Alpaca records are formatted with the Stanford Alpaca prompt and
+only the response tokens (+ eos) are trained on; chat records are rendered with the tokenizer's chat
+template (or the built-in one) and only the assistant turns (+ end-of-turn marker) are trained on
+(rendering.py; --chat_template, --response_boundary, --alpaca_as_chat). The model, tokenizer and
+trainer_state.json are written to --output_dir; with --lora_r the LoRA adapter (and, with
+--merge_lora True, the merged model in {output_dir}/merged).
 
 Flags from transformers 4.x that 5.x removed are rewritten with a one-line notice
 (translate_legacy_flags): --evaluation_strategy -> --eval_strategy, --warmup_ratio R ->
@@ -69,8 +72,61 @@ from utils import (
 class ModelArguments:
     model_name_or_path: str = field(
         default="facebook/opt-125m",  # the paper's/Stanford Alpaca's default; a hub id or a local folder
-        metadata={"help": "Model to fine-tune: a Hugging Face hub id or a folder written by save_pretrained."},
+        metadata={"help": "Model to fine-tune: a Hugging Face hub id or a folder written by save_pretrained "
+                          "(a folder with only a SentencePiece tokenizer.model is read as Llama-2's tokenizer)."},
     )
+    pad_embeddings_to_multiple_of: int = field(
+        default=1,  # rows; 1 = exactly len(tokenizer), the paper's numbers; 64 suits GPU matmuls
+        metadata={"help": "When a pad (or eos) token is added and does not fit in the embedding matrix, grow it "
+                          "to a multiple of this many rows. 1 (default, the paper): exactly len(tokenizer) rows; "
+                          "64: tensor-core friendly, but the extra rows take part in the softmax and change the "
+                          "perplexities slightly. The matrix never shrinks."},
+    )
+    lora_r: int = field(
+        default=0,  # rank; 0 = full fine-tuning (the paper); 8-64 typical for LoRA
+        metadata={"help": "LoRA rank: > 0 trains low-rank adapters (peft) instead of every weight; 0 (default) "
+                          "is full fine-tuning as in the paper. The perplexity dumps are those of the adapted model."},
+    )
+    lora_alpha: float = field(
+        default=16.0,  # scaling numerator; the adapter's update is scaled by lora_alpha / lora_r (often 2 x r)
+        metadata={"help": "LoRA scaling: the low-rank update is multiplied by lora_alpha / lora_r."},
+    )
+    lora_dropout: float = field(
+        default=0.05,  # probability, on the adapter's input
+        metadata={"help": "Dropout on the LoRA adapters' input (0 to disable)."},
+    )
+    lora_target_modules: str = field(
+        default="all-linear",  # peft's shorthand: every linear layer but the output head
+        metadata={"help": "Modules that get adapters: 'all-linear' (every linear layer except the output head) "
+                          "or comma-separated module names, e.g. 'q_proj,v_proj'."},
+    )
+    merge_lora: bool = field(
+        default=False,  # the adapter alone is saved (a few MB)
+        metadata={"help": "With --lora_r: also save the base model with the adapter merged into its weights in "
+                          "{output_dir}/merged (a plain model, loadable without peft)."},
+    )
+
+    def __post_init__(self):
+        if self.pad_embeddings_to_multiple_of < 1:
+            raise ValueError(f"--pad_embeddings_to_multiple_of must be >= 1, got {self.pad_embeddings_to_multiple_of}")
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be >= 0, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.merge_lora and not self.lora_r:
+            raise ValueError("--merge_lora needs --lora_r > 0")
+
+    def lora_config(self):
+        """The peft LoraConfig of these flags (None without --lora_r)."""
+        if not self.lora_r:
+            return None
+        from peft import LoraConfig
+
+        targets = self.lora_target_modules.strip()
+        if targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
 
 
 @dataclass
@@ -98,12 +154,39 @@ class DataArguments:
         metadata={"help": data.FIELD_HELP["messages"]},
     )
 
+    response_boundary: str = field(
+        default="auto",  # the paper's way except on tokenizers where it is systematically wrong
+        metadata={"choices": ["auto", "paper", "exact"],
+                  "help": "Where the scored response starts in the tokens. 'paper': mask len(tokenize(prompt)) tokens "
+                          "of tokenize(prompt + response), as the paper does; 'exact': where tokenize(prompt) is not a "
+                          "prefix of it, tokenize prompt and response separately; 'auto' (default): exact for byte-level "
+                          "BPE tokenizers that join punctuation with the next word (Llama-3, Qwen2), paper otherwise "
+                          "(Llama-2, Mistral, Gemma, OPT, GPT-2, Phi). The mismatching records are always counted."},
+    )
+    chat_template: str = field(
+        default="auto",  # the tokenizer's own template if it has one
+        metadata={"choices": ["auto", "tokenizer", "builtin"],
+                  "help": "How chat records {\"messages\": [...]} are rendered: 'tokenizer' with the tokenizer's chat "
+                          "template (apply_chat_template), 'builtin' with '### {Role}:' turns, 'auto' (default): the "
+                          "tokenizer's if it has one. Only assistant turns (+ end-of-turn marker) are scored."},
+    )
+    alpaca_as_chat: bool = field(
+        default=False,  # the paper's Alpaca prompt
+        metadata={"help": "Render Alpaca records as a one-turn conversation (user: instruction and input, assistant: "
+                          "output) with the chat template, as instruct models are used; default: the Alpaca prompt."},
+    )
+
     def __post_init__(self):
         data.check_source(self.data_path, "--data_path")
 
     @property
     def data_fields(self) -> data.Fields:
         return data.Fields.from_args(self)
+
+    def render_options(self):
+        from rendering import RenderOptions
+
+        return RenderOptions(self.response_boundary, self.chat_template, self.alpaca_as_chat)
 
 
 @dataclass
@@ -403,31 +486,108 @@ def parse_args(argv: Sequence[str] | None = None, extra_dataclasses: Sequence[ty
 # Model, data, trainer
 
 
+def _missing_package(e: BaseException) -> str | None:
+    """The package an import/conversion error asks for, if any (sentencepiece, protobuf, tiktoken...)."""
+    text = str(e).lower()
+    asks = isinstance(e, ImportError) or any(w in text for w in ("install", "is required", "requires"))
+    for pkg in ("sentencepiece", "protobuf", "tiktoken", "tokenizers", "peft", "accelerate"):
+        if pkg in text and asks:
+            return pkg
+    name = getattr(e, "name", None)
+    return name.split(".")[0] if isinstance(e, ImportError) and name else None
+
+
+def load_tokenizer(path: str, cache_dir: str | None = None, **kwargs):
+    """The tokenizer of a hub id or folder. A folder holding only a SentencePiece ``tokenizer.model``
+    (older Llama / Mistral repositories) is read as the paper's transformers 4 read it: Llama's
+    tokenizer with a bos token and the model file's own dummy-prefix setting (transformers 5's
+    AutoTokenizer would fall back to a generic tokenizer with neither). Errors are one-line UserErrors
+    naming what is missing."""
+    files = set(os.listdir(path)) if os.path.isdir(path) else set()
+    sp_only = "tokenizer.model" in files and not ({"tokenizer.json", "tokenizer_config.json"} & files)
+    try:
+        if sp_only:
+            from sentencepiece import sentencepiece_model_pb2
+            from transformers import LlamaTokenizer
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            with open(os.path.join(path, "tokenizer.model"), "rb") as f:
+                proto.ParseFromString(f.read())
+            return LlamaTokenizer.from_pretrained(path, add_bos_token=True, legacy=True,
+                                                  add_prefix_space=proto.normalizer_spec.add_dummy_prefix, **kwargs)
+        return transformers.AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure to read the user's tokenizer is reported in one line
+        if files and not ({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"} & files):
+            raise UserError(f"--model_name_or_path {path}: no tokenizer files in the folder (tokenizer.json, "
+                            "tokenizer_config.json or tokenizer.model)") from None
+        pkg = _missing_package(e)
+        if pkg:
+            raise UserError(f"--model_name_or_path {path}: reading its tokenizer needs the '{pkg}' package "
+                            f"(pip install -r requirements.txt)") from None
+        raise UserError(f"--model_name_or_path {path}: cannot load the tokenizer ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def load_model_and_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
     """Load the causal LM in float32 (the Trainer applies bf16 autocast) and its tokenizer (right
-    padding, model_max_length), then add the missing special tokens as the paper does (a "[PAD]"
-    token whose embedding rows are the mean of the others). Returns (model, tokenizer)."""
+    padding and truncation, model_max_length), then add the missing special tokens as the paper does
+    (a "[PAD]" token whose embedding rows are the mean of the others; utils.add_missing_special_tokens)
+    and, with --lora_r, wrap the model in LoRA adapters (peft). Returns (model, tokenizer)."""
     import torch
 
     path = model_args.model_name_or_path
     if path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise UserError(f"--model_name_or_path {path}: no such model folder")
+    tokenizer = load_tokenizer(path, cache_dir=training_args.cache_dir,
+                               model_max_length=training_args.model_max_length, padding_side="right")
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"  # prompt masking counts from the left; a "left" config would break it
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            path, cache_dir=training_args.cache_dir, model_max_length=training_args.model_max_length,
-            padding_side="right",
-        )
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, cache_dir=training_args.cache_dir, dtype=torch.float32
         )
-    except OSError as e:
-        raise UserError(f"--model_name_or_path {path}: cannot load the model or tokenizer ({e})") from None
-    add_missing_special_tokens(tokenizer, model)
+    except (OSError, ValueError, ImportError) as e:
+        pkg = _missing_package(e) if isinstance(e, ImportError) else None
+        what = f"needs the '{pkg}' package" if pkg else f"cannot load the model ({str(e).splitlines()[0] if str(e) else e!r})"
+        raise UserError(f"--model_name_or_path {path}: {what}") from None
+    add_missing_special_tokens(tokenizer, model, pad_to_multiple_of=model_args.pad_embeddings_to_multiple_of
+                               if model_args.pad_embeddings_to_multiple_of > 1 else None)
     n_pos = getattr(model.config, "max_position_embeddings", None)
     if n_pos is not None and training_args.model_max_length > n_pos:
         notice(f"warning: --model_max_length {training_args.model_max_length} exceeds the model's "
                 f"max_position_embeddings {n_pos}; long records may fail or degrade")
+    lora = model_args.lora_config()
+    if lora is not None:
+        from peft import get_peft_model
+
+        if getattr(training_args, "activation_checkpointing", False) or training_args.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise UserError(f"--lora_target_modules {model_args.lora_target_modules}: {e}") from None
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        notice(f"LoRA r={model_args.lora_r}: {n_train:,} trainable parameters of {n_all:,} "
+               f"({100 * n_train / n_all:.2f}%)")
     return model, tokenizer
+
+
+def save_merged_lora(model_args: ModelArguments, training_args: TrainingArguments) -> str:
+    """--merge_lora: reload the base model as training started from it, apply the adapter saved in
+    --output_dir, merge it into the weights and save a plain model (+ tokenizer) to {output_dir}/merged.
+    Reloading works whatever wrapped the trained model (DDP, FSDP, DeepSpeed). Returns the folder."""
+    from peft import PeftModel
+
+    out = os.path.join(training_args.output_dir, "merged")
+    base, tokenizer = load_model_and_tokenizer(
+        ModelArguments(model_args.model_name_or_path, model_args.pad_embeddings_to_multiple_of), training_args)
+    model = PeftModel.from_pretrained(base, training_args.output_dir)
+    model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    notice(f"LoRA adapter merged into the base model: {out}")
+    return out
 
 
 def build_trainer(model, tokenizer, train_data: SupervisedData, training_args: TrainingArguments,
@@ -594,7 +754,9 @@ def fit(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     resume = resolve_resume(training_args)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     data = make_supervised_data(data_args.data_path, tokenizer, training_args.model_max_length,
-                                fields=data_args.data_fields)
+                                data_args.render_options(), fields=data_args.data_fields)
+    if data.boundary_message:
+        notice(data.boundary_message)
     warn_truncated(data, training_args.model_max_length)
     trainer = build_trainer(model, tokenizer, data, training_args)
     if prepare is not None:
@@ -602,6 +764,9 @@ def fit(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()  # trainer_state.json, world process zero only
     trainer.save_model(training_args.output_dir)  # gathers FSDP shards; writes from the main process only
+    # (with LoRA: the adapter, adapter_config.json and adapter_model.safetensors)
+    if model_args.merge_lora and trainer.is_world_process_zero():
+        save_merged_lora(model_args, training_args)
     return trainer
 
 

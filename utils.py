@@ -1,6 +1,7 @@
 """Shared pieces of the Small2Large pipeline: loading and validating files, safe pickles,
-atomic writes, the Learning-Percentage formulas, and the supervised (Alpaca-prompt) data
-used by both train.py and dump_pplxs.py.
+atomic writes, the Learning-Percentage formulas, the special tokens a model needs, and the
+supervised data used by both train.py and dump_pplxs.py (records are rendered and tokenized by
+rendering.py; its names format_prompt, tokenize_records, PROMPT_DICT, ... are importable from here).
 
 Nothing here does work at import time; the heavy imports (torch, transformers) happen
 inside the functions that need them, so clustering.py / subset.py stay fast to start.
@@ -34,27 +35,20 @@ import numpy as np
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
 
-# Fixed by the paper's repo (Stanford Alpaca's prompt); the perplexities depend on it.
-PROMPT_DICT = {
-    "prompt_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-    ),
-    "prompt_no_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:"
-    ),
-}
-# Chat records ({"messages": [...]}) are rendered turn by turn as "### {Role}:\n{content}\n\n";
-# only the content of assistant turns (plus an eos token after each) is scored / trained on.
-CHAT_SYSTEM_PREFIX = "Below is a conversation between a user and an assistant.\n\n"
-CHAT_TURN = "### {role}:\n"
 DEFAULT_PAD_TOKEN = "[PAD]"
 DEFAULT_EOS_TOKEN = "</s>"
-DEFAULT_BOS_TOKEN = "<s>"
-DEFAULT_UNK_TOKEN = "<unk>"
+# The rendering of records (the Alpaca prompt, chat templates, prompt masking) lives in rendering.py;
+# these names stay importable from utils.
+_RENDERING_NAMES = {"PROMPT_DICT", "CHAT_SYSTEM_PREFIX", "CHAT_TURN", "format_prompt", "tokenize_records",
+                    "RenderOptions", "render_prompt"}
+
+
+def __getattr__(name: str):  # PEP 562: lazy, so utils and rendering can import each other's names
+    if name in _RENDERING_NAMES:
+        import rendering
+
+        return getattr(rendering, name)
+    raise AttributeError(f"module 'utils' has no attribute {name!r}")
 
 
 class UserError(Exception):
@@ -277,91 +271,71 @@ def truncated_mask(pplxs: Sequence[np.ndarray]) -> np.ndarray:
 # Supervised data (shared by train.py and dump_pplxs.py)
 
 
-def format_prompt(record: dict) -> str:
-    """The Stanford Alpaca prompt for one record (the no-input variant when input is empty)."""
-    key = "prompt_input" if record.get("input", "") != "" else "prompt_no_input"
-    return PROMPT_DICT[key].format_map(record)
+def embedding_gather(params):
+    """Context manager under which the full embedding matrices can be read and written on every
+    process: DeepSpeed ZeRO-3 shards them (each rank holds a slice), so they are gathered, and rank
+    0's writes are broadcast on exit (``GatheredParameters(..., modifier_rank=0)``). Without ZeRO-3
+    the parameters are whole already: a no-op."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+    return contextlib.nullcontext()
 
 
-def add_missing_special_tokens(tokenizer, model) -> int:
-    """Give the tokenizer a pad token (and eos/bos/unk if missing), as the paper does, resize the
-    model's embeddings and set each new input and output row to the mean of the old rows.
-    This changes the softmax, so perplexities depend on it. Returns the number of tokens added."""
+def _rows(weight) -> int:
+    return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps the full shape in ds_shape
+
+
+def add_missing_special_tokens(tokenizer, model, pad_to_multiple_of: int | None = None) -> int:
+    """Give the tokenizer a pad token ("[PAD]", as the paper does) when it has none, and an eos
+    ("</s>") when it has none; never a bos or unk (a Qwen2.5-like tokenizer has neither, on purpose).
+    Returns the number of tokens added.
+
+    The embedding matrices never shrink: a new id that fits inside them (Qwen2.5, Phi-2: rows padded
+    past the tokenizer) needs no resize; otherwise they grow to len(tokenizer) rows, rounded up to
+    ``pad_to_multiple_of`` if given (the paper: exactly len(tokenizer); extra rows would take part in
+    the softmax and change every perplexity). Each new token's input and output rows are set to the
+    mean of the rows the tokenizer used before the addition (ids 0 .. len(tokenizer)-1; the padding
+    rows past the tokenizer are left out), as the paper does -- on Llama-2 and OPT this is the mean of
+    all old rows, the paper's number. A tied matrix is written once and stays tied. Under DeepSpeed
+    ZeRO-3 the rows are written on gathered parameters (see embedding_gather)."""
     special: dict[str, str] = {}
     if tokenizer.pad_token is None:
         special["pad_token"] = DEFAULT_PAD_TOKEN
     if tokenizer.eos_token is None:
         special["eos_token"] = DEFAULT_EOS_TOKEN
-    if tokenizer.bos_token is None:
-        special["bos_token"] = DEFAULT_BOS_TOKEN
-    if tokenizer.unk_token is None:
-        special["unk_token"] = DEFAULT_UNK_TOKEN
     if not special:
         return 0
+    n_before = len(tokenizer)
     num_new = tokenizer.add_special_tokens(special)
-    if num_new > 0:
-        import torch
+    if num_new <= 0:
+        return 0
+    import torch
 
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set to the plain mean below
-        with torch.no_grad():
-            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-                if emb is None:
-                    continue
-                w = emb.weight
-                w[-num_new:] = w[:-num_new].mean(dim=0, keepdim=True)
+    def weights():
+        out = []
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None and all(emb.weight is not w for w in out):
+                out.append(emb.weight)  # a tied matrix once
+        return out
+
+    tied = len(weights()) == 1 and model.get_output_embeddings() is not None
+    rows = _rows(model.get_input_embeddings().weight)
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of,
+                                      mean_resizing=False)  # the new rows are set to the plain mean below
+    new_ids = list(range(n_before, len(tokenizer)))
+    params = weights()
+    with embedding_gather(params), torch.no_grad():
+        for w in params:
+            used = min(n_before, w.shape[0])
+            w[new_ids] = w[:used].mean(dim=0, keepdim=True)
+    if tied and len(weights()) != 1:
+        raise RuntimeError("the input and output embeddings were tied before adding tokens and are not after")
     return num_new
-
-
-def _tokenize_lengths(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-
-
-def tokenize_records(records: Sequence[dict], tokenizer, model_max_length: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Tokenize records into (input_ids, labels) lists, in dataset order.
-
-    Alpaca records: text = prompt + output + eos, truncated at ``model_max_length``; the first
-    len(tokenize(prompt)) tokens are masked with IGNORE_INDEX (the prompt tokenized alone, as the
-    paper does). If the prompt fills the window, every label is masked ("fully truncated").
-    Chat records: every non-assistant span is masked; see CHAT_TURN."""
-    eos = tokenizer.eos_token
-    alpaca_idx = [i for i, r in enumerate(records) if not is_chat(r)]
-    input_ids: list[list[int] | None] = [None] * len(records)
-    labels: list[list[int] | None] = [None] * len(records)
-    if alpaca_idx:
-        sources = [format_prompt(records[i]) for i in alpaca_idx]
-        examples = [s + f"{records[i]['output']}{eos}" for s, i in zip(sources, alpaca_idx)]
-        ex_ids = _tokenize_lengths(tokenizer, examples, model_max_length)
-        src_ids = _tokenize_lengths(tokenizer, sources, model_max_length)
-        for i, ids, src in zip(alpaca_idx, ex_ids, src_ids):
-            lab = list(ids)
-            n = min(len(src), len(lab))
-            lab[:n] = [IGNORE_INDEX] * n
-            input_ids[i], labels[i] = list(ids), lab
-    for i, r in enumerate(records):
-        if is_chat(r):
-            input_ids[i], labels[i] = _tokenize_chat(r["messages"], tokenizer, model_max_length)
-    return input_ids, labels  # type: ignore[return-value]
-
-
-def _tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int]]:
-    eos = tokenizer.eos_token
-    text = CHAT_SYSTEM_PREFIX
-    spans = []  # (start_char_prefix, end_char_prefix) of scored parts, as prefix strings
-    for m in messages:
-        text += CHAT_TURN.format(role=m["role"].capitalize())
-        if m["role"] == "assistant":
-            start = text
-            text += m["content"] + eos
-            spans.append((start, text))
-            text += "\n\n"
-        else:
-            text += m["content"] + "\n\n"
-    ids = _tokenize_lengths(tokenizer, [text], max_length)[0]
-    lab = [IGNORE_INDEX] * len(ids)
-    for start, end in spans:
-        a, b = (len(x) for x in _tokenize_lengths(tokenizer, [start, end], max_length))
-        lab[a:b] = ids[a:b]
-    return ids, lab
 
 
 @dataclass
@@ -370,6 +344,9 @@ class SupervisedData:
 
     input_ids: list[list[int]]
     labels: list[list[int]]
+    n_boundary_mismatch: int = 0  # records whose prompt tokens are not a prefix of the full text's
+    n_boundary_fixed: int = 0  # of those, tokenized prompt and response separately (--response_boundary exact)
+    boundary_message: str | None = None  # the warning to show (None: nothing to report)
 
     @functools.cached_property
     def n_fully_truncated(self) -> int:  # asked once per dump: counted once
@@ -379,10 +356,15 @@ class SupervisedData:
         return len(self.input_ids)
 
 
-def make_supervised_data(data_path: str, tokenizer, model_max_length: int, fields=None) -> SupervisedData:
+def make_supervised_data(data_path: str, tokenizer, model_max_length: int, options=None, fields=None) -> SupervisedData:
+    """Load the records (``fields``: a data.Fields column map) and tokenize them
+    (rendering.tokenize_records; ``options``: a rendering.RenderOptions, default the paper's rendering)."""
+    from rendering import BoundaryStats, RenderOptions, tokenize_records
+
     records = load_records(data_path, allow_chat=True, fields=fields)
-    ids, labels = tokenize_records(records, tokenizer, model_max_length)
-    return SupervisedData(ids, labels)
+    stats = BoundaryStats()
+    ids, labels = tokenize_records(records, tokenizer, model_max_length, options or RenderOptions(), stats=stats)
+    return SupervisedData(ids, labels, len(stats.mismatched), stats.fixed, stats.message())
 
 
 class SupervisedDataset:
