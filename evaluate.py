@@ -404,14 +404,19 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _train_error_detail(e: UserError, path: str) -> str:
+    """train.py's one-line loading error without its '--model_name_or_path PATH: ' head."""
+    return str(e).split(f"{path}: ", 1)[-1]
+
+
 def load_tokenizer(path: str, model_max_length: int):
     """train.py's tokenizer loading (a SentencePiece-only folder reads as Llama's, as in training)."""
     import train
 
     try:
         return train.load_tokenizer(path, model_max_length=model_max_length)
-    except UserError:
-        raise
+    except UserError as e:
+        raise UserError(f"--models {path}: cannot load the tokenizer: {_train_error_detail(e, path)}") from None
     except Exception as e:  # noqa: BLE001 - any loading failure is the user's model folder
         raise UserError(f"--models {path}: cannot load the tokenizer ({_one_line(e)})") from None
 
@@ -424,8 +429,8 @@ def load_model(path: str, model_max_length: int, device: str, dtype):
     try:
         model, tokenizer = load_model_and_tokenizer(
             ModelArguments(model_name_or_path=path), SimpleNamespace(cache_dir=None, model_max_length=model_max_length))
-    except UserError:
-        raise
+    except UserError as e:
+        raise UserError(f"--models {path}: cannot load the model: {_train_error_detail(e, path)}") from None
     except Exception as e:  # noqa: BLE001 - a config transformers cannot build, a corrupt weight file, ...
         raise UserError(f"--models {path}: cannot load the model ({_one_line(e)})") from None
     model.to(device=device, dtype=dtype)

@@ -317,14 +317,15 @@ def _generation_spans(messages, tokenizer, text) -> list[tuple[int, int]]:
 
 def render_prompt(record: dict, tokenizer, options: RenderOptions = RenderOptions()):
     """The prompt of ``record`` for generation, rendered exactly as training renders it: the text
-    and the token ids the model is given (for a chat record: every turn before the last assistant
-    turn, with the template's generation prompt). Returns (text, input_ids)."""
+    and the token ids the model is given (for a chat record: every turn before its final assistant
+    turn, or every turn when it ends with a user turn, then the template's generation prompt).
+    Returns (text, input_ids)."""
     if not is_chat(record) and not options.alpaca_as_chat:
         text = format_prompt(record)
         return text, tokenizer(text, add_special_tokens=True)["input_ids"]
     messages = record["messages"] if is_chat(record) else alpaca_to_messages(record)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    head = messages[:last]
+    # an answered conversation is cut before its final answer; an open one (ending in a user turn) is whole
+    head = messages[:-1] if messages[-1]["role"] == "assistant" else messages
     if uses_tokenizer_template(tokenizer, options):
         text = _apply_template(tokenizer, head, add_generation_prompt=True)
         return text, tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -299,6 +299,9 @@ def test_chat_template_scores_assistant_turns_and_end_marker(families, name):
     text, p_ids = render_prompt(CHAT_RECORDS[0], tok)
     assert text == tok.apply_chat_template(CHAT_RECORDS[0]["messages"][:4], tokenize=False, add_generation_prompt=True)
     assert ids[0][: len(p_ids)] == p_ids
+    # an open conversation (ending in a user turn) is the prompt whole, not cut at an earlier answer
+    open_text, open_ids = render_prompt({"messages": CHAT_RECORDS[0]["messages"][:4]}, tok)
+    assert (open_text, open_ids) == (text, p_ids)
     # the built-in template on request; Alpaca records as a one-turn conversation on request
     b_ids, b_lab = tokenize_records(CHAT_RECORDS[:1], tok, 256, RenderOptions(chat_template="builtin"))
     assert "### Assistant:" in tok.decode(b_ids[0])
