@@ -375,3 +375,13 @@ def write_from_args(args, records, dumps, cluster) -> str | None:
           f"columns: {', '.join(score_columns(df))}")
     print(f"Generated {path}")
     return path
+
+
+def read_ranking_fields(path: str, records):
+    """subset.py's Ranking fields from a score table checked against the dataset's records:
+    (cluster, {metric: float64 array}, truncated, model_name, unlearned)."""
+    df, meta = read_score_table(path, records)
+    metrics = {c: df[c].to_numpy(dtype=np.float64) for c in score_columns(df)}
+    model = meta.get("model_name") or "model"
+    return (df["cluster_num"].to_numpy(dtype=np.int64), metrics, df["truncated"].to_numpy(dtype=bool), model,
+            df["unlearned"].to_numpy(dtype=bool))
