@@ -15,9 +15,12 @@ process_pickle.py writes it beside the paper's CSV as ``{output_dir}/{model_name
   lp1_approx           (P0 - P1) / P0 (needs only p0 and p1: the one-epoch selector)
   pn_over_p0           Pn / P0: how much of the perplexity is left after training (1 = nothing learned)
   truncated            perplexity exactly 1.0 in every dump (no response token scored)
-  unlearned            never learned: pn_over_p0 >= the threshold (default 0.8, i.e. the perplexity fell
-                       by less than 20%), or with a top share the highest pn_over_p0 of each cluster;
-                       truncated records are not counted (they have their own flag)
+  unlearned            never learned: by default the top 5% of each cluster by pn_over_p0 (ceil(0.05 x
+                       size) records: the perplexity fell least); with a ratio instead, pn_over_p0 >= it
+                       (e.g. 0.8: fell by less than 20%). Truncated records are never flagged (own flag).
+                       The default is relative because P0 has no common scale: a random-initialised
+                       selector starts near the vocabulary size (P0 ~ 2000 on the quickstart, where every
+                       record ends below Pn/P0 = 0.3), a pretrained one near 5 (the paper's).
   p{e}_noprompt, ifd   when a no-prompt dump is given: the response perplexity scored without its
                        prompt at epoch e, and IFD = p{e} / p{e}_noprompt (Cherry / Superfiltering's
                        instruction-following difficulty: > 1 means the prompt does not help)
@@ -39,7 +42,7 @@ from utils import UserError, atomic_write, check_lengths, is_chat, lp1, lp1_appr
 FORMAT = "small2large-scores"
 VERSION = 1
 META_KEY = b"small2large"
-UNLEARNED_RATIO = 0.8  # Pn / P0 at or above this: the perplexity fell by less than 20% over training
+UNLEARNED_TOP_SHARE = 0.05  # default rule: the 5% of each cluster whose perplexity fell least (highest Pn / P0)
 
 # ----------------------------------------------------------------------------------------
 # Pure maths
@@ -79,23 +82,23 @@ def ifd(p_cond, p_alone) -> np.ndarray:
     return np.asarray(p_cond, dtype=np.float64) / np.asarray(p_alone, dtype=np.float64)
 
 
-def unlearned_mask(p0, pn, cluster=None, ratio: float | None = UNLEARNED_RATIO, top_share: float | None = None,
+def unlearned_mask(p0, pn, cluster=None, ratio: float | None = None, top_share: float = UNLEARNED_TOP_SHARE,
                    truncated=None) -> np.ndarray:
     """Records whose perplexity barely fell over training (never learned).
 
-    ``ratio``: Pn / P0 >= ratio. ``top_share`` (instead of a ratio): in every cluster, the
-    ceil(top_share x size) records with the highest Pn / P0 (ties by dataset index). ``truncated``
-    records (no response token scored) are never flagged: they have their own flag.
+    Default: in every cluster (all records one cluster if ``cluster`` is None), the
+    ceil(top_share x size) records with the highest Pn / P0 (ties by dataset index), truncated records
+    not counted. With ``ratio``: Pn / P0 >= ratio instead. ``truncated`` records (no response token
+    scored) are never flagged: they have their own flag.
 
-    >>> unlearned_mask([10.0, 10.0, 1.0], [9.0, 2.0, 1.0], truncated=[False, False, True]).tolist()
-    [True, False, False]
-    >>> unlearned_mask([10.0] * 4, [9.0, 2.0, 3.0, 8.0], cluster=[0, 0, 1, 1], ratio=None, top_share=0.5).tolist()
+    >>> unlearned_mask([10.0] * 4, [9.0, 2.0, 3.0, 8.0], cluster=[0, 0, 1, 1], top_share=0.5).tolist()
     [True, False, False, True]
+    >>> unlearned_mask([10.0, 10.0, 1.0], [9.0, 2.0, 1.0], ratio=0.8, truncated=[False, False, True]).tolist()
+    [True, False, False]
     """
     p0, pn = (np.asarray(x, dtype=np.float64) for x in (p0, pn))
     r = pn / p0
-    if (ratio is None) == (top_share is None):
-        raise ValueError("give exactly one of ratio and top_share")
+    trunc = np.zeros(len(r), bool) if truncated is None else np.asarray(truncated, dtype=bool)
     if ratio is not None:
         out = r >= ratio
     else:
@@ -103,17 +106,16 @@ def unlearned_mask(p0, pn, cluster=None, ratio: float | None = UNLEARNED_RATIO, 
             raise ValueError(f"top_share must be in (0, 1], got {top_share}")
         cluster = np.zeros(len(r), np.int64) if cluster is None else np.asarray(cluster)
         idx = np.arange(len(r))
-        order = np.lexsort((idx, -r, cluster))  # per cluster, highest ratio first, ties by index
+        order = np.lexsort((idx, -np.where(trunc, -np.inf, r), cluster))  # per cluster, highest ratio first, ties by index
         c = cluster[order]
         starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
         sizes = np.diff(np.r_[starts, len(r)])
         rank = idx - np.repeat(starts, sizes)  # position inside its cluster
-        keep = np.ceil(top_share * sizes - 1e-9).astype(np.int64)
+        n_ok = np.bincount(np.searchsorted(starts, np.flatnonzero(~trunc[order]), side="right") - 1, minlength=len(starts))
+        keep = np.ceil(top_share * n_ok - 1e-9).astype(np.int64)
         out = np.zeros(len(r), bool)
         out[order[rank < np.repeat(keep, sizes)]] = True
-    if truncated is not None:
-        out &= ~np.asarray(truncated, dtype=bool)
-    return out
+    return out & ~trunc
 
 
 def record_sha256(record: dict) -> str:
@@ -173,7 +175,7 @@ def tokenize_responses(records, tokenizer, model_max_length: int) -> tuple[list[
 
 
 def build_score_table(records, cluster, pplxs, *, n_tokens=None, noprompt=None, noprompt_epoch: int = 0,
-                      unlearned_ratio: float | None = UNLEARNED_RATIO, unlearned_top_share: float | None = None):
+                      unlearned_ratio: float | None = None, unlearned_top_share: float = UNLEARNED_TOP_SHARE):
     """The score table (a pandas DataFrame, dataset order) from the records, their clusters and the
     dumps [P0, P1, ..., Pn] (n >= 1; float64 arrays). ``noprompt``: the no-prompt perplexities at
     epoch ``noprompt_epoch`` (adds p{e}_noprompt and ifd)."""
@@ -213,11 +215,11 @@ def build_score_table(records, cluster, pplxs, *, n_tokens=None, noprompt=None, 
     return pd.DataFrame(cols)
 
 
-def table_meta(df, model_name: str, *, unlearned_ratio=UNLEARNED_RATIO, unlearned_top_share=None,
+def table_meta(df, model_name: str, *, unlearned_ratio=None, unlearned_top_share=UNLEARNED_TOP_SHARE,
                noprompt_epoch=None, **extra) -> dict:
     n_dumps = sum(1 for c in df.columns if c[0] == "p" and c[1:].isdigit())
-    rule = ({"rule": "top_share", "top_share": unlearned_top_share} if unlearned_top_share is not None
-            else {"rule": "ratio", "ratio": unlearned_ratio})
+    rule = ({"rule": "ratio", "ratio": unlearned_ratio} if unlearned_ratio is not None
+            else {"rule": "top_share", "top_share": unlearned_top_share})
     return {"format": FORMAT, "version": VERSION, "model_name": model_name, "n_dumps": n_dumps,
             "unlearned": rule, "noprompt_epoch": noprompt_epoch, **extra}
 
@@ -308,9 +310,9 @@ def describe_rule(meta: dict) -> str:
     'top 5% of Pn/P0 per cluster'
     """
     u = meta.get("unlearned") or {}
-    if u.get("rule") == "top_share":
-        return f"top {100 * u['top_share']:g}% of Pn/P0 per cluster"
-    return f"Pn/P0 >= {u.get('ratio', UNLEARNED_RATIO):g}"
+    if u.get("rule") == "ratio":
+        return f"Pn/P0 >= {u['ratio']:g}"
+    return f"top {100 * u.get('top_share', UNLEARNED_TOP_SHARE):g}% of Pn/P0 per cluster"
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,17 +329,19 @@ def add_arguments(p) -> None:
                    help="the epoch e of the --noprompt dump (0 = before training, as Superfiltering; default 0)")
     g.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="a tokenizer folder (the selector's): adds len_response_tokens (response tokens, no special tokens)")
-    g.add_argument("--unlearned_ratio", type=float, default=UNLEARNED_RATIO,
-                   help="flag a record 'unlearned' when Pn / P0 >= this (default 0.8: perplexity fell by less than 20%%)")
-    g.add_argument("--unlearned_top_share", type=float, default=None,
-                   help="instead of --unlearned_ratio: flag the highest Pn / P0 share of every cluster, e.g. 0.05")
+    g.add_argument("--unlearned_top_share", type=float, default=UNLEARNED_TOP_SHARE,
+                   help="flag as 'unlearned' the records of every cluster whose perplexity fell least: the top share by "
+                        "Pn / P0, ceil(share x cluster size) records (default 0.05; relative, so it works whatever P0's scale)")
+    g.add_argument("--unlearned_ratio", type=float, default=None,
+                   help="instead: flag every record with Pn / P0 >= this, e.g. 0.8 (perplexity fell by less than 20%%; "
+                        "for pretrained selectors, whose P0 is small)")
     g.add_argument("--no_scores", action="store_true", help="do not write the score table (the paper's CSV only)")
 
 
 def check_arguments(p, args) -> None:
-    if args.unlearned_top_share is not None and not 0 < args.unlearned_top_share <= 1:
+    if not 0 < args.unlearned_top_share <= 1:
         p.error(f"--unlearned_top_share must be in (0, 1], got {args.unlearned_top_share:g}")
-    if not args.unlearned_ratio > 0:
+    if args.unlearned_ratio is not None and not args.unlearned_ratio > 0:
         p.error(f"--unlearned_ratio must be > 0, got {args.unlearned_ratio:g}")
     if args.noprompt_epoch < 0:
         p.error("--noprompt_epoch must be >= 0")
@@ -362,8 +366,7 @@ def write_from_args(args, records, dumps, cluster) -> str | None:
         return None
     noprompt = load_pplxs(args.noprompt) if args.noprompt else None
     n_tokens = count_response_tokens(records, args.tokenizer) if args.tokenizer else None
-    top = args.unlearned_top_share
-    ratio = None if top is not None else args.unlearned_ratio
+    top, ratio = args.unlearned_top_share, args.unlearned_ratio
     df = build_score_table(records, cluster, dumps, n_tokens=n_tokens, noprompt=noprompt,
                            noprompt_epoch=args.noprompt_epoch, unlearned_ratio=ratio, unlearned_top_share=top)
     meta = table_meta(df, args.model_name, unlearned_ratio=ratio, unlearned_top_share=top,

@@ -309,7 +309,7 @@ def read_ranking_csv(path: str, n_records: int, dataset: str) -> Ranking:
     if n_off:
         print(f"warning: {path}: {m}_L1 differs from (P0-P1)/(P0-P3) for {n_off} records; selecting on the {m}_L1 column")
     trunc = truncated_mask(p)
-    return Ranking(cluster, {"lp1": l1, "lp1_approx": lp1_approx(p[0], p[1])}, trunc, m, unlearned_mask(p[0], p[3], truncated=trunc))
+    return Ranking(cluster, {"lp1": l1, "lp1_approx": lp1_approx(p[0], p[1])}, trunc, m, unlearned_mask(p[0], p[3], cluster, truncated=trunc))
 
 
 def ranking_from_dumps(args, n_records: int) -> Ranking:
@@ -322,7 +322,7 @@ def ranking_from_dumps(args, n_records: int) -> Ranking:
         metrics["lp1"] = lp1(pp["epoch0"], pp["epoch1"], pp["epoch3"])
     trunc = truncated_mask([pp[e] for e in EPOCHS]) if len(pp) == 4 else None
     last = pp["epoch3"] if "epoch3" in pp else pp["epoch1"]  # Pn: the last dump given
-    return Ranking(cluster, metrics, trunc, args.model_name, unlearned_mask(pp["epoch0"], last, truncated=trunc))
+    return Ranking(cluster, metrics, trunc, args.model_name, unlearned_mask(pp["epoch0"], last, cluster, truncated=trunc))
 
 
 # ----------------------------------------------------------------------------------------
@@ -446,8 +446,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--exclude_truncated", action="store_true",
                    help="leave out records with perplexity 1.0 in every dump (fully truncated); files get '-notrunc'")
     o.add_argument("--exclude_unlearned", action="store_true",
-                   help="leave out records flagged 'unlearned' (Pn/P0 >= 0.8 by default; the score table's own rule with "
-                        "--scores); files get '-nounlearned'")
+                   help="leave out records flagged 'unlearned' (the 5%% of each cluster whose perplexity fell least, highest "
+                        "Pn/P0; with --scores the table's own rule); files get '-nounlearned'")
     args = p.parse_args(argv)
     if not (args.lp1 or args.lp1_approx or args.clust_rand or args.metric):
         p.error("choose at least one kind: --lp1, --lp1_approx, --clust_rand and/or --metric NAME")
