@@ -91,7 +91,32 @@ class DumpArguments:
                           "'all': full logits at every position, as the paper does (slower, for checking)."},
     )
 
+    # issue 9: IFD (instruction-following difficulty) needs the response scored without its prompt
+    dump_noprompt: str = field(
+        default="",  # off; "pre" for IFD before training (Superfiltering), "pre,3" or "all" for more epochs
+        metadata={"help": "Also dump, at these epochs, the perplexity of every response scored WITHOUT its prompt "
+                          "(response + eos; one more scoring pass, same engine and batching) to "
+                          "{dump_dir}/epoch-{pre,1,...}-noprompt.pkl, for IFD = PPL(response | prompt) / PPL(response): "
+                          "comma-separated 'pre' and epoch numbers, or 'all'. Empty (default): off."},
+    )
+    score_only: bool = field(
+        default=False,  # the paper trains; True scores the model as it is (e.g. GPT-2 for Superfiltering's IFD)
+        metadata={"help": "Do not train: dump epoch-pre.pkl (and, with --dump_noprompt pre, epoch-pre-noprompt.pkl) "
+                          "for the model as it is, then stop. For perplexity or IFD scores of an off-the-shelf model "
+                          "(Superfiltering uses GPT-2). --output_dir is not written."},
+    )
+
+    def noprompt_epochs(self) -> set | None:
+        """The epochs of --dump_noprompt ("pre" and ints), None for all, an empty set when off."""
+        toks = [t.strip() for t in self.dump_noprompt.split(",") if t.strip()]
+        if "all" in toks:
+            return None
+        return {t if t == "pre" else int(t) for t in toks}
+
     def __post_init__(self):
+        for t in (t.strip() for t in self.dump_noprompt.split(",") if t.strip()):
+            if t not in ("pre", "all") and not (t.isdigit() and int(t) >= 1):
+                raise ValueError(f"--dump_noprompt takes 'pre', epoch numbers >= 1 or 'all', comma-separated; got {t!r}")
         if self.pplx_max_tokens < 1:
             raise ValueError(f"--pplx_max_tokens must be >= 1, got {self.pplx_max_tokens}")
         if self.pplx_denominator not in DENOMINATORS:
@@ -406,6 +431,7 @@ def _make_callback_class():
                 )
                 if len(finite) != len(pplxs):
                     logger.warning("%s: %d perplexities are not finite", path, len(pplxs) - len(finite))
+            dump_noprompt(self, epoch)  # issue 9: the no-prompt pass for IFD, when asked for this epoch
 
         def on_train_begin(self, args, state, control, **kwargs):
             if state.global_step == 0:
@@ -428,6 +454,70 @@ def _make_callback_class():
             self.dump(k)
 
     return PerplexityDumpCallback
+
+
+# ----------------------------------------------------------------------------------------
+# IFD: the response scored without its prompt (issue 9)
+
+
+def noprompt_name(epoch) -> str:
+    """epoch-pre-noprompt.pkl, epoch-1-noprompt.pkl, ...
+
+    >>> noprompt_name("pre"), noprompt_name(3)
+    ('epoch-pre-noprompt.pkl', 'epoch-3-noprompt.pkl')
+    """
+    return dump_name(epoch)[: -len(".pkl")] + "-noprompt.pkl"
+
+
+def make_noprompt_data(data_path: str, tokenizer, model_max_length: int) -> SupervisedData:
+    """The records' responses alone (scores.tokenize_responses), dataset order."""
+    from scores import tokenize_responses
+    from utils import load_records
+
+    return SupervisedData(*tokenize_responses(load_records(data_path, allow_chat=True), tokenizer, model_max_length))
+
+
+def dump_noprompt(cb, epoch) -> str | None:
+    """After the callback's dump at ``epoch``: if --dump_noprompt asks for it, score the responses without
+    their prompt with the same engine, settings, model and processes, and write
+    {dump_dir}/epoch-{epoch}-noprompt.pkl (rank 0). Returns the path written (rank 0) or None."""
+    data = getattr(cb, "noprompt_data", None)
+    wanted = cb.dump_args.noprompt_epochs()
+    if data is None or (wanted is not None and epoch not in wanted):
+        return None
+    tr = cb.trainer
+    fsdp = bool(getattr(tr, "is_fsdp_enabled", False))
+    model = tr.model_wrapped if fsdp else tr.model
+    rank, ws = cb._dist()
+    a = cb.dump_args
+    pplxs, stats = score_pplxs(
+        model, data, cb.pad_token_id, max_tokens=a.pplx_max_tokens, denominator=a.pplx_denominator,
+        logits=a.pplx_logits, rank=rank, world_size=ws, lockstep=fsdp, autocast=tr.accelerator.autocast,
+        desc=f"perplexity {epoch} (no prompt)",
+    )
+    if rank != 0:
+        return None
+    path = os.path.join(a.dump_dir, noprompt_name(epoch))
+    write_pickle(path, pplxs)
+    cb.written.append(path)
+    logger.warning("%s: %d no-prompt perplexities in %.1fs", path, len(pplxs), stats.seconds)
+    return path
+
+
+def score_only(model_args, data_args, training_args, dump_args) -> list[str]:
+    """--score_only: the dumps of the untrained model (epoch-pre.pkl, and epoch-pre-noprompt.pkl with
+    --dump_noprompt pre), through the same Trainer set-up and callback as a training run, no training."""
+    import train
+
+    model, tokenizer = train.load_model_and_tokenizer(model_args, training_args)
+    data = train.make_supervised_data(data_args.data_path, tokenizer, training_args.model_max_length)
+    train.warn_truncated(data, training_args.model_max_length)
+    trainer = train.build_trainer(model, tokenizer, data, training_args)
+    dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
+    if dump_args.dump_noprompt:
+        dumper.noprompt_data = make_noprompt_data(data_args.data_path, tokenizer, training_args.model_max_length)
+    dumper.dump("pre")
+    return dumper.written
 
 
 # ----------------------------------------------------------------------------------------
@@ -463,6 +553,8 @@ def main(args=None, callbacks: Sequence = ()):
             f"--val_data_path {dump_args.val_data_path} differs from --data_path {data_args.data_path}: the "
             "perplexities are those of the training records (as in the paper); pass the same file or omit it"
         )
+    if dump_args.score_only:  # issue 9: dumps of the model as it is, no training
+        return score_only(model_args, data_args, training_args, dump_args)
     ckpt = train.resolve_resume(training_args)  # a checkpoint folder, or "last" in --output_dir
     if ckpt is None and os.path.isdir(dump_args.dump_dir):
         stale = sorted(f for f in os.listdir(dump_args.dump_dir) if f.startswith("epoch-") and f.endswith(".pkl"))
@@ -477,6 +569,8 @@ def main(args=None, callbacks: Sequence = ()):
             train.notice(f"warning: {fmt_share(data.n_fully_truncated, len(data))} are fully truncated: their "
                          "perplexity is dumped as 1.0 (as in the paper)")
         dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
+        if dump_args.dump_noprompt:  # issue 9: the no-prompt pass for IFD
+            dumper.noprompt_data = make_noprompt_data(data_args.data_path, tokenizer, training_args.model_max_length)
         for cb in (dumper, *callbacks):
             trainer.add_callback(cb)
 

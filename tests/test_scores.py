@@ -313,3 +313,72 @@ def test_table_reads_back_with_pandas(tmp_path):
     _run_pp(ws, tmp_path / "rk")
     df = pd.read_parquet(tmp_path / "rk" / "m-scores.parquet")   # a plain pandas read works too
     assert len(df) == 20 and df["lp1"].dtype == np.float64 and df["truncated"].dtype == bool
+
+
+# ---------------------------------------------------------------------------------------------
+# dump_pplxs.py: the no-prompt pass (IFD) and --score_only
+
+
+def _dump_argv(model, data, tmp, epochs, *extra):
+    return ["--model_name_or_path", model, "--data_path", data, "--output_dir", str(tmp / "out"),
+            "--dump_dir", str(tmp / "dumps"), "--num_train_epochs", str(epochs),
+            "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--model_max_length", "256",
+            "--seed", "42", "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no", *extra]
+
+
+@pytest.fixture()
+def _one_thread():
+    from tests._dump_pplxs_helpers import one_thread_fixture
+
+    yield from one_thread_fixture()
+
+
+def test_score_only_dumps_p0_and_noprompt_without_training(tiny_llama, tiny_dataset, tmp_path, _one_thread):
+    import dump_pplxs
+    from tests._dump_pplxs_helpers import load, max_rel_diff, reference_pplxs
+    from tests.conftest import TINY_RECORDS
+    from utils import load_pplxs, tokenize_records
+
+    written = dump_pplxs.main(_dump_argv(tiny_llama, tiny_dataset, tmp_path, 3, "--score_only", "True",
+                                         "--dump_noprompt", "pre"))
+    assert [os.path.basename(p) for p in written] == ["epoch-pre.pkl", "epoch-pre-noprompt.pkl"]
+    assert sorted(os.listdir(tmp_path / "dumps")) == ["epoch-pre-noprompt.pkl", "epoch-pre.pkl"]
+    assert not (tmp_path / "out").exists() or not any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "out"))
+    model, tok = load(tiny_llama)
+    # independent one-record-at-a-time references: with the prompt (the paper's) and the response alone,
+    # every response token scored but the first (bos-less tokenizers) / after the bos
+    with_prompt = reference_pplxs(model, *tokenize_records(TINY_RECORDS, tok, 256))
+    texts = [r["output"] + tok.eos_token for r in TINY_RECORDS]
+    alone_ids = [list(x) for x in tok(texts)["input_ids"]]
+    alone = reference_pplxs(model, alone_ids, alone_ids)
+    p0, p0_np = load_pplxs(tmp_path / "dumps" / "epoch-pre.pkl"), load_pplxs(tmp_path / "dumps" / "epoch-pre-noprompt.pkl")
+    assert max_rel_diff(list(p0), with_prompt) < 1e-5
+    assert max_rel_diff(list(p0_np), alone) < 1e-5
+    # the table's IFD from these two dumps
+    df = scores.build_score_table(TINY_RECORDS, np.zeros(len(TINY_RECORDS), np.int64), [p0], noprompt=p0_np)
+    assert max_rel_diff(df["ifd"].tolist(), [a / b for a, b in zip(with_prompt, alone)]) < 2e-5
+
+
+def test_noprompt_dumps_at_the_chosen_epochs_of_a_training_run(tiny_opt, tiny_dataset, tmp_path, _one_thread):
+    import dump_pplxs
+    from tests._dump_pplxs_helpers import load, max_rel_diff, reference_pplxs
+    from tests.conftest import TINY_RECORDS
+    from utils import load_pplxs
+
+    dump_pplxs.main(_dump_argv(tiny_opt, tiny_dataset, tmp_path, 2, "--dump_noprompt", "2"))
+    assert sorted(os.listdir(tmp_path / "dumps")) == ["epoch-1.pkl", "epoch-2-noprompt.pkl", "epoch-2.pkl", "epoch-pre.pkl"]
+    model, tok = load(str(tmp_path / "out"))   # the model after the last epoch (saved at the end)
+    ids, _ = scores.tokenize_responses(TINY_RECORDS, tok, 256)
+    assert ids[0][0] == tok.bos_token_id   # OPT adds its bos: the first response token is scored given it
+    got = load_pplxs(tmp_path / "dumps" / "epoch-2-noprompt.pkl")
+    assert max_rel_diff(list(got), reference_pplxs(model, ids, ids)) < 1e-4
+
+
+def test_dump_noprompt_flag_is_checked():
+    import dump_pplxs
+
+    assert dump_pplxs.DumpArguments(dump_noprompt="pre, 3").noprompt_epochs() == {"pre", 3}
+    assert dump_pplxs.DumpArguments(dump_noprompt="all").noprompt_epochs() is None
+    assert dump_pplxs.DumpArguments().noprompt_epochs() == set()
+    with pytest.raises(ValueError, match="--dump_noprompt"):
+        dump_pplxs.DumpArguments(dump_noprompt="first")
