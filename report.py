@@ -225,8 +225,10 @@ class Doc:
         self.blocks.append(("table", [str(h) for h in header], [[str(c) for c in r] for r in rows]))
 
     def fig(self, name, fig, caption):
+        if fig is None:  # --no-figures
+            return
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
+        fig.savefig(buf, format="png", dpi=90)
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -297,10 +299,12 @@ def _plt():
     return plt
 
 
-def fig_distributions(sel: Selector, n_traj: int, seed: int):
+def fig_distributions(sel: Selector, n_traj: int, seed: int, enabled: bool = True):
+    if not enabled:
+        return None
     plt = _plt()
     cols = [c for c in ("lp1", "lp1_approx", "ifd") if sel.has(c)]
-    fig, axes = plt.subplots(1, len(cols) + 1, figsize=(4.2 * (len(cols) + 1), 3.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, len(cols) + 1, figsize=(4.2 * (len(cols) + 1), 3.6))
     axes = np.atleast_1d(axes)
     for ax, c in zip(axes, cols):
         v = sel.col(c)
@@ -320,17 +324,20 @@ def fig_distributions(sel: Selector, n_traj: int, seed: int):
     for row, ci in zip(pp[pick], color):
         ax.plot(x, row, color=cmap(ci), alpha=0.3, lw=0.7)
     ax.plot(x, np.median(pp, axis=0), color="crimson", lw=2.2, label="median, all records")
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.1, top=0.83, wspace=0.3)
     ax.set_yscale("log")
     ax.set_xticks(x, [c.upper() for c in sel.pcols])
     ax.set_title(f"P0->P{pp.shape[1] - 1} of {len(pick)} random records (colour: LP(1))", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(sel.name, fontsize=11)
     return fig
 
 
-def fig_composition(sel: Selector, subset: np.ndarray, p: float, known: np.ndarray):
+def fig_composition(sel: Selector, subset: np.ndarray, p: float, known: np.ndarray, enabled: bool = True):
+    if not enabled:
+        return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     cl = sel.cluster
     ids = np.unique(cl[known])
     full = np.array([np.sum(cl == c) for c in ids], dtype=np.float64)
@@ -350,17 +357,20 @@ def fig_composition(sel: Selector, subset: np.ndarray, p: float, known: np.ndarr
     ax.set_xscale("log")
     ax.set_xlabel("response length + 1 (characters)")
     ax.set_title("response length distribution", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.84, wspace=0.25)
     fig.suptitle(f"{sel.name}: what the {p:g}% lowest-LP(1) subset contains", fontsize=11)
     return fig
 
 
-def fig_heatmaps(names, mats, titles, suptitle):
+def fig_heatmaps(names, mats, titles, suptitle, enabled: bool = True):
+    if not enabled:
+        return None
     plt = _plt()
     k = len(mats)
     m = len(names)
     size = max(3.2, 0.55 * m + 1.5)
-    fig, axes = plt.subplots(1, k, figsize=(size * k, size), constrained_layout=True)
+    fig, axes = plt.subplots(1, k, figsize=(size * k, size))
     axes = np.atleast_1d(axes)
     for ax, mat, t in zip(axes, mats, titles):
         im = ax.imshow(mat, vmin=min(0.0, np.nanmin(mat)), vmax=1.0, cmap="viridis")
@@ -372,6 +382,7 @@ def fig_heatmaps(names, mats, titles, suptitle):
                     ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
                             color="white" if mat[i, j] < 0.6 else "black")
         ax.set_title(t, fontsize=9)
+    fig.subplots_adjust(left=0.8 / (size * k) * 2.5, right=0.92, bottom=0.28, top=0.86, wspace=0.45)
     fig.colorbar(im, ax=axes.tolist(), shrink=0.8)
     fig.suptitle(suptitle, fontsize=11)
     return fig
@@ -464,7 +475,7 @@ def build_report(sels, args, records=None) -> tuple[Doc, dict]:
     subsets: dict[str, dict[float, np.ndarray]] = {}
     for s in sels:
         doc.h(3, s.name)
-        doc.fig(f"{_safe(s.name)}-distributions.png", fig_distributions(s, args.n_traj, args.seed),
+        doc.fig(f"{_safe(s.name)}-distributions.png", fig_distributions(s, args.n_traj, args.seed, args.figures),
                 f"{s.name}: distributions of LP(1), LP(1)-approx and IFD (the columns present) and P0->Pn trajectories")
         if not s.has(args.metric):
             doc.p(f"No {args.metric} column (dumps P0..P{len(s.pcols) - 1}): no {args.metric} subsets.")
@@ -495,7 +506,7 @@ def build_report(sels, args, records=None) -> tuple[Doc, dict]:
             rho = spearman_matrix(np.stack([m, s.col("lp1_approx")], axis=1))[0, 1]
             doc.p(f"Spearman of {args.metric} and LP(1)-approx (the one-epoch selector) over all records: {fmt(rho)}.")
         p_show = 10.0 if 10.0 in subsets[s.name] else args.budgets[0]
-        doc.fig(f"{_safe(s.name)}-composition.png", fig_composition(s, subsets[s.name][p_show], p_show, known),
+        doc.fig(f"{_safe(s.name)}-composition.png", fig_composition(s, subsets[s.name][p_show], p_show, known, args.figures),
                 f"{s.name}: cluster shares and response lengths of the {p_show:g}% subset vs the full data")
         if records is not None:
             doc.pre(examples_text(s, records, m, known, args))
@@ -520,7 +531,7 @@ def build_report(sels, args, records=None) -> tuple[Doc, dict]:
             doc.table(["", *wn], matrix_rows(wn, mat))
         doc.fig("rank-agreement.png", fig_heatmaps(wn, [sp, kt, wsp, wkt], ["Spearman", "Kendall", "Spearman within clusters",
                                                                             "Kendall within clusters"],
-                                                   f"rank agreement of {args.metric}"),
+                                                   f"rank agreement of {args.metric}", args.figures),
                 f"Rank agreement of {args.metric} between selectors")
         doc.h(2, "Across selectors: do they choose the same records?")
         doc.p("For every budget, the lowest-" + args.metric + " subsets: Jaccard |A & B| / |A | B|, and the share "
@@ -534,7 +545,7 @@ def build_report(sels, args, records=None) -> tuple[Doc, dict]:
             doc.h(4, f"{p:g}% subsets: share of the row's subset found in the column's")
             doc.table(["", *wn], matrix_rows(wn, sh))
         doc.fig("subset-overlap.png", fig_heatmaps(wn, [numbers["jaccard"][p] for p in args.budgets],
-                                                   [f"{p:g}% Jaccard" for p in args.budgets], "subset overlap"),
+                                                   [f"{p:g}% Jaccard" for p in args.budgets], "subset overlap", args.figures),
                 "Jaccard overlap of the subsets of every budget")
     if args.published:
         doc.h(2, "Published subsets against regenerated ones")
@@ -612,6 +623,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_examples", type=int, default=2, help="lowest and highest records shown per cluster (default 2)")
     p.add_argument("--n_traj", type=int, default=200, help="records in the P0->Pn trajectory plot (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trajectory sample (default 0)")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the figures (default); --no-figures writes the tables and text only (faster)")
     args = p.parse_args(argv)
     if args.names is not None and len(args.names) != len(args.scores):
         p.error(f"--names gives {len(args.names)} names for {len(args.scores)} score tables")
@@ -629,7 +642,8 @@ def main(args) -> dict:
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     t0 = time.perf_counter()
-    _plt()
+    if args.figures:
+        _plt()
     records = load_records(args.dataset, allow_chat=True) if args.dataset else None
     sels = load_selectors(args.scores, args.names, records)
     doc, numbers = build_report(sels, args, records)
