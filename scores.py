@@ -37,7 +37,16 @@ import os
 
 import numpy as np
 
-from utils import UserError, atomic_write, check_lengths, is_chat, lp1, lp1_approx, truncated_mask, validate_pplxs
+from utils import (
+    UserError,
+    atomic_write,
+    check_lengths,
+    is_chat,
+    lp1,
+    lp1_approx,
+    truncated_mask,
+    validate_pplxs,
+)
 
 FORMAT = "small2large-scores"
 VERSION = 1
