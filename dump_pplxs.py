@@ -20,6 +20,8 @@ before training and after every epoch (P0, P1, P2, P3 for 3 epochs).
 
 Outputs: ``{dump_dir}/epoch-pre.pkl``, ``epoch-1.pkl``, ... : each a pickled list of Python floats,
 one perplexity per training record in dataset order (the paper's format, read by process_pickle.py).
+With --dump_noprompt, ``{dump_dir}/noprompt/epoch-pre.pkl``, ...: the responses scored without their
+prompt (for IFD; process_pickle.py --noprompt); --score_only dumps the model as it is, no training.
 
 The training is train.py's (same flags, same data, same Trainer); a TrainerCallback runs ONE dump
 routine before training (on_train_begin) and at the end of every epoch (on_epoch_end).
@@ -96,12 +98,12 @@ class DumpArguments:
         default="",  # off; "pre" for IFD before training (Superfiltering), "pre,3" or "all" for more epochs
         metadata={"help": "Also dump, at these epochs, the perplexity of every response scored WITHOUT its prompt "
                           "(response + eos; one more scoring pass, same engine and batching) to "
-                          "{dump_dir}/epoch-{pre,1,...}-noprompt.pkl, for IFD = PPL(response | prompt) / PPL(response): "
+                          "{dump_dir}/noprompt/epoch-{pre,1,...}.pkl, for IFD = PPL(response | prompt) / PPL(response): "
                           "comma-separated 'pre' and epoch numbers, or 'all'. Empty (default): off."},
     )
     score_only: bool = field(
         default=False,  # the paper trains; True scores the model as it is (e.g. GPT-2 for Superfiltering's IFD)
-        metadata={"help": "Do not train: dump epoch-pre.pkl (and, with --dump_noprompt pre, epoch-pre-noprompt.pkl) "
+        metadata={"help": "Do not train: dump epoch-pre.pkl (and, with --dump_noprompt pre, noprompt/epoch-pre.pkl) "
                           "for the model as it is, then stop. For perplexity or IFD scores of an off-the-shelf model "
                           "(Superfiltering uses GPT-2). --output_dir is not written."},
     )
@@ -460,13 +462,7 @@ def _make_callback_class():
 # IFD: the response scored without its prompt (issue 9)
 
 
-def noprompt_name(epoch) -> str:
-    """epoch-pre-noprompt.pkl, epoch-1-noprompt.pkl, ...
-
-    >>> noprompt_name("pre"), noprompt_name(3)
-    ('epoch-pre-noprompt.pkl', 'epoch-3-noprompt.pkl')
-    """
-    return dump_name(epoch)[: -len(".pkl")] + "-noprompt.pkl"
+NOPROMPT_SUBDIR = "noprompt"  # {dump_dir}/noprompt/epoch-pre.pkl, ...: the no-prompt dumps, same names
 
 
 def make_noprompt_data(data_path: str, tokenizer, model_max_length: int) -> SupervisedData:
@@ -477,35 +473,29 @@ def make_noprompt_data(data_path: str, tokenizer, model_max_length: int) -> Supe
     return SupervisedData(*tokenize_responses(load_records(data_path, allow_chat=True), tokenizer, model_max_length))
 
 
-def dump_noprompt(cb, epoch) -> str | None:
-    """After the callback's dump at ``epoch``: if --dump_noprompt asks for it, score the responses without
-    their prompt with the same engine, settings, model and processes, and write
-    {dump_dir}/epoch-{epoch}-noprompt.pkl (rank 0). Returns the path written (rank 0) or None."""
-    data = getattr(cb, "noprompt_data", None)
+def attach_noprompt(cb, data_path: str, tokenizer, model_max_length: int) -> None:
+    """--dump_noprompt: give the callback a second callback of the same class over the responses alone,
+    writing to {dump_dir}/noprompt/ (the same dump routine, engine, settings and processes)."""
+    import dataclasses
+
+    sub_args = dataclasses.replace(cb.dump_args, dump_dir=os.path.join(cb.dump_args.dump_dir, NOPROMPT_SUBDIR))
+    sub = type(cb)(make_noprompt_data(data_path, tokenizer, model_max_length), cb.pad_token_id, sub_args)
+    cb.noprompt = sub.attach(cb.trainer)
+
+
+def dump_noprompt(cb, epoch) -> None:
+    """After the callback's dump at ``epoch``: the no-prompt dump, if --dump_noprompt asks for this epoch."""
+    sub = getattr(cb, "noprompt", None)
     wanted = cb.dump_args.noprompt_epochs()
-    if data is None or (wanted is not None and epoch not in wanted):
-        return None
-    tr = cb.trainer
-    fsdp = bool(getattr(tr, "is_fsdp_enabled", False))
-    model = tr.model_wrapped if fsdp else tr.model
-    rank, ws = cb._dist()
-    a = cb.dump_args
-    pplxs, stats = score_pplxs(
-        model, data, cb.pad_token_id, max_tokens=a.pplx_max_tokens, denominator=a.pplx_denominator,
-        logits=a.pplx_logits, rank=rank, world_size=ws, lockstep=fsdp, autocast=tr.accelerator.autocast,
-        desc=f"perplexity {epoch} (no prompt)",
-    )
-    if rank != 0:
-        return None
-    path = os.path.join(a.dump_dir, noprompt_name(epoch))
-    write_pickle(path, pplxs)
-    cb.written.append(path)
-    logger.warning("%s: %d no-prompt perplexities in %.1fs", path, len(pplxs), stats.seconds)
-    return path
+    if sub is None or (wanted is not None and epoch not in wanted):
+        return
+    n = len(sub.written)
+    sub.dump(epoch)
+    cb.written += sub.written[n:]
 
 
 def score_only(model_args, data_args, training_args, dump_args) -> list[str]:
-    """--score_only: the dumps of the untrained model (epoch-pre.pkl, and epoch-pre-noprompt.pkl with
+    """--score_only: the dumps of the untrained model (epoch-pre.pkl, and noprompt/epoch-pre.pkl with
     --dump_noprompt pre), through the same Trainer set-up and callback as a training run, no training."""
     import train
 
@@ -515,7 +505,7 @@ def score_only(model_args, data_args, training_args, dump_args) -> list[str]:
     trainer = train.build_trainer(model, tokenizer, data, training_args)
     dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
     if dump_args.dump_noprompt:
-        dumper.noprompt_data = make_noprompt_data(data_args.data_path, tokenizer, training_args.model_max_length)
+        attach_noprompt(dumper, data_args.data_path, tokenizer, training_args.model_max_length)
     dumper.dump("pre")
     return dumper.written
 
@@ -570,7 +560,7 @@ def main(args=None, callbacks: Sequence = ()):
                          "perplexity is dumped as 1.0 (as in the paper)")
         dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
         if dump_args.dump_noprompt:  # issue 9: the no-prompt pass for IFD
-            dumper.noprompt_data = make_noprompt_data(data_args.data_path, tokenizer, training_args.model_max_length)
+            attach_noprompt(dumper, data_args.data_path, tokenizer, training_args.model_max_length)
         for cb in (dumper, *callbacks):
             trainer.add_callback(cb)
 

@@ -26,6 +26,12 @@ LP(1) = (P0 - P1) / (P0 - P3), and 0 when P0 == P3 (written as the integer 0, as
 Records with perplexity exactly 1.0 in every dump look fully truncated (no response token scored);
 they get LP(1) = 0 and look "hardest": their number is reported (subset.py --exclude_truncated).
 
+Also writes {output_dir}/{model_name}-scores.parquet, the score table (scores.py: P0..Pn, LP(i),
+LP(1)-approx, truncated and unlearned flags, IFD with --noprompt), read by subset.py --scores and
+report.py; --no_scores skips it. With fewer dumps (--epoch0 --epoch1: the one-epoch selector,
+LP(1)-approx; or --epoch0 alone with --noprompt, IFD) only the score table is written: the paper's CSV
+needs P0..P3.
+
 Every input is checked: pickles are loaded without running code, and the dataset, the clustering and
 the four dumps must have the same length (the paper's code silently misaligned).
 """

@@ -333,7 +333,7 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("score table ({output_dir}/{model_name}-scores.parquet, read by subset.py --scores and report.py)")
     g.add_argument("--noprompt", metavar="FILE.pkl", default=None,
                    help="perplexities of the responses scored without their prompt (dump_pplxs.py --dump_noprompt), "
-                        "e.g. dump-pplxs/epoch-pre-noprompt.pkl: adds p{e}_noprompt and ifd = p{e} / p{e}_noprompt")
+                        "e.g. dump-pplxs/noprompt/epoch-pre.pkl: adds p{e}_noprompt and ifd = p{e} / p{e}_noprompt")
     g.add_argument("--noprompt_epoch", type=int, default=0,
                    help="the epoch e of the --noprompt dump (0 = before training, as Superfiltering; default 0)")
     g.add_argument("--tokenizer", metavar="DIR", default=None,

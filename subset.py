@@ -37,6 +37,18 @@ random.sample(members sorted by LP(1), size of that split's chunk 0). In (a) the
 percentages are made per cluster in the order 33, 25, 10, 5, 3, 1 from one stream (how the published
 clust_rand files were made); (b) makes one draw per cluster, like the paper's later subset.py.
 
+(c) The score table of process_pickle.py (any of its columns; with --percentage one split, without it
+    every split of (a), the same files):
+
+    python subset.py --dataset data/alpaca_data.json --scores l1-rankings/alpaca-llama2-7b-scores.parquet \
+        --metric lp1 --percentage 0.5 --exact --exclude_unlearned
+
+One mechanism for every kind: --lp1, --lp1_approx and --metric NAME [--order low|high] all sort each
+cluster by their metric (descending for --order high, files "{p}_highest_NAME-...") and keep a chunk by
+the rule below; --metric lp1 --order low writes byte-identical files to --lp1. Two dumps (--epoch0,
+--epoch1, or a two-dump table) are the one-epoch selector: --lp1_approx, and --clust_rand draws from the
+clusters sorted by LP(1)-approx.
+
 Beyond the paper (defaults stay faithful):
   --exact               the paper's rule keeps ceil(n/k) >= 1 records per cluster, so its "1%" of Alpaca
                         is 2.0% of the data. --exact keeps round(p% of the dataset) records, allocated
@@ -46,6 +58,10 @@ Beyond the paper (defaults stay faithful):
   --exclude_truncated   records with perplexity exactly 1.0 in every dump (fully truncated prompt: no
                         response token scored) have LP(1) = 0 and are picked as "hardest"; this leaves
                         them out (files get a "-notrunc" suffix). Their number is always reported.
+  --exclude_unlearned   leaves out the records flagged "unlearned" (scores.unlearned_mask: by default the 5%
+                        of each cluster whose perplexity fell least; the table's own rule with --scores);
+                        files get a "-nounlearned" suffix.
+  --percentage below 1  works: 0.5 is k = 200 chunks per cluster (>= 1 record each), or 0.5% with --exact.
 Every run prints, per split, the records kept and their share of the dataset; (b) warns when the
 achieved share is far from --percentage (p from 41 to 66 gives k = 2, i.e. 50%; 67 to 100 gives 100%).
 """

@@ -341,8 +341,8 @@ def test_score_only_dumps_p0_and_noprompt_without_training(tiny_llama, tiny_data
 
     written = dump_pplxs.main(_dump_argv(tiny_llama, tiny_dataset, tmp_path, 3, "--score_only", "True",
                                          "--dump_noprompt", "pre"))
-    assert [os.path.basename(p) for p in written] == ["epoch-pre.pkl", "epoch-pre-noprompt.pkl"]
-    assert sorted(os.listdir(tmp_path / "dumps")) == ["epoch-pre-noprompt.pkl", "epoch-pre.pkl"]
+    assert [os.path.relpath(p, tmp_path / "dumps") for p in written] == ["epoch-pre.pkl", os.path.join("noprompt", "epoch-pre.pkl")]
+    assert listdir_all(str(tmp_path / "dumps")) == ["epoch-pre.pkl", os.path.join("noprompt", "epoch-pre.pkl")]
     assert not (tmp_path / "out").exists() or not any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "out"))
     model, tok = load(tiny_llama)
     # independent one-record-at-a-time references: with the prompt (the paper's) and the response alone,
@@ -351,7 +351,7 @@ def test_score_only_dumps_p0_and_noprompt_without_training(tiny_llama, tiny_data
     texts = [r["output"] + tok.eos_token for r in TINY_RECORDS]
     alone_ids = [list(x) for x in tok(texts)["input_ids"]]
     alone = reference_pplxs(model, alone_ids, alone_ids)
-    p0, p0_np = load_pplxs(tmp_path / "dumps" / "epoch-pre.pkl"), load_pplxs(tmp_path / "dumps" / "epoch-pre-noprompt.pkl")
+    p0, p0_np = load_pplxs(tmp_path / "dumps" / "epoch-pre.pkl"), load_pplxs(tmp_path / "dumps" / "noprompt" / "epoch-pre.pkl")
     assert max_rel_diff(list(p0), with_prompt) < 1e-5
     assert max_rel_diff(list(p0_np), alone) < 1e-5
     # the table's IFD from these two dumps
@@ -366,11 +366,11 @@ def test_noprompt_dumps_at_the_chosen_epochs_of_a_training_run(tiny_opt, tiny_da
     from utils import load_pplxs
 
     dump_pplxs.main(_dump_argv(tiny_opt, tiny_dataset, tmp_path, 2, "--dump_noprompt", "2"))
-    assert sorted(os.listdir(tmp_path / "dumps")) == ["epoch-1.pkl", "epoch-2-noprompt.pkl", "epoch-2.pkl", "epoch-pre.pkl"]
+    assert listdir_all(str(tmp_path / "dumps")) == ["epoch-1.pkl", "epoch-2.pkl", "epoch-pre.pkl", os.path.join("noprompt", "epoch-2.pkl")]
     model, tok = load(str(tmp_path / "out"))   # the model after the last epoch (saved at the end)
     ids, _ = scores.tokenize_responses(TINY_RECORDS, tok, 256)
     assert ids[0][0] == tok.bos_token_id   # OPT adds its bos: the first response token is scored given it
-    got = load_pplxs(tmp_path / "dumps" / "epoch-2-noprompt.pkl")
+    got = load_pplxs(tmp_path / "dumps" / "noprompt" / "epoch-2.pkl")
     assert max_rel_diff(list(got), reference_pplxs(model, ids, ids)) < 1e-4
 
 
