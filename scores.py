@@ -354,6 +354,10 @@ def check_arguments(p, args) -> None:
         p.error(f"--unlearned_ratio must be > 0, got {args.unlearned_ratio:g}")
     if args.noprompt_epoch < 0:
         p.error("--noprompt_epoch must be >= 0")
+    if args.noprompt and not os.path.isfile(args.noprompt):
+        p.error(f"--noprompt {args.noprompt}: no such file")
+    if args.tokenizer and not os.path.isdir(args.tokenizer):
+        p.error(f"--tokenizer {args.tokenizer}: no such folder")
 
 
 def count_response_tokens(records, tokenizer_dir: str) -> np.ndarray:

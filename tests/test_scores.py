@@ -382,3 +382,16 @@ def test_dump_noprompt_flag_is_checked():
     assert dump_pplxs.DumpArguments().noprompt_epochs() == set()
     with pytest.raises(ValueError, match="--dump_noprompt"):
         dump_pplxs.DumpArguments(dump_noprompt="first")
+
+
+def test_response_tokens_with_a_tokenizer(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    ws = make_workspace(str(tmp_path / "in"), n=20, k=2)
+    _run_pp(ws, tmp_path / "rk", "--tokenizer", tiny_llama)
+    df, _ = scores.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert df["len_response_tokens"].tolist() == [len(tok(r["output"], add_special_tokens=False)["input_ids"])
+                                                  for r in ws["records"]]
+    with pytest.raises(UserError, match="cannot load a tokenizer"):
+        _run_pp(ws, tmp_path / "rk2", "--tokenizer", str(tmp_path))
