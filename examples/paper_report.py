@@ -74,8 +74,7 @@ def main(args):
                             "--published", os.path.join(src, "published.json"),
                             *(["--unknown_cluster", str(unknown)] if unknown is not None else [])])
         names = nums["names"]
-        lines += [f"## {ds}: LP(1) Spearman, all records", "", report.Doc().markdown().strip()]
-        lines[-1] = _md(names, nums["spearman"])
+        lines += [f"## {ds}: LP(1) Spearman, all records", "", _md(names, nums["spearman"])]
         lines += ["", f"## {ds}: 10% lp1 subsets, Jaccard", "", _md(names, nums["jaccard"][10.0]), "",
                   f"({ds}: process_pickle.py x 7 in {t1 - t0:.1f} s, report.py in {nums['seconds']:.1f} s, "
                   f"correlations in {nums['seconds_correlations']:.1f} s)", ""]
