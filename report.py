@@ -352,9 +352,11 @@ def fig_composition(sel: Selector, subset: np.ndarray, p: float, known: np.ndarr
     ax = axes[1]
     ln = sel.df["len_response"].to_numpy() + 1
     bins = np.logspace(0, np.log10(ln.max() + 1), 40)
-    ax.hist(ln, bins=bins, density=True, alpha=0.5, label="full data")
-    ax.hist(ln[subset], bins=bins, density=True, alpha=0.5, label=f"{p:g}% lp1 subset")
+    ax.hist(ln, bins=bins, weights=np.full(len(ln), 1 / len(ln)), alpha=0.5, label="full data")
+    ax.hist(ln[subset], bins=bins, weights=np.full(len(subset), 1 / max(len(subset), 1)), alpha=0.5,
+            label=f"{p:g}% lp1 subset")
     ax.set_xscale("log")
+    ax.set_ylabel("share of the records")
     ax.set_xlabel("response length + 1 (characters)")
     ax.set_title("response length distribution", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
@@ -370,7 +372,7 @@ def fig_heatmaps(names, mats, titles, suptitle, enabled: bool = True):
     k = len(mats)
     m = len(names)
     size = max(3.2, 0.55 * m + 1.5)
-    fig, axes = plt.subplots(1, k, figsize=(size * k, size))
+    fig, axes = plt.subplots(1, k, figsize=(size * k + 1.0, size * 0.8 + 0.6))
     axes = np.atleast_1d(axes)
     for ax, mat, t in zip(axes, mats, titles):
         im = ax.imshow(mat, vmin=min(0.0, np.nanmin(mat)), vmax=1.0, cmap="viridis")
@@ -382,7 +384,7 @@ def fig_heatmaps(names, mats, titles, suptitle, enabled: bool = True):
                     ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
                             color="white" if mat[i, j] < 0.6 else "black")
         ax.set_title(t, fontsize=9)
-    fig.subplots_adjust(left=0.8 / (size * k) * 2.5, right=0.92, bottom=0.28, top=0.86, wspace=0.45)
+    fig.subplots_adjust(left=0.07, right=0.9, bottom=0.22, top=0.86, wspace=0.45)
     fig.colorbar(im, ax=axes.tolist(), shrink=0.8)
     fig.suptitle(suptitle, fontsize=11)
     return fig
