@@ -471,26 +471,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--order high keeps the highest-scored chunk; it does not combine with --part")
     if args.percentage is not None and not 0 < args.percentage <= 100:
         p.error(f"--percentage must be in (0, 100], got {args.percentage:g}")
+    def refuse(names, why):
+        extra = [f"--{n}" for n in names if getattr(args, n) is not None]
+        if extra:
+            p.error(f"{why}; it does not take {', '.join(extra)}")
+
     if args.scores:
-        extra = [f"--{n}" for n in ("l1_ranking_file", "clustering", "epoch0", "epoch1", "epoch2", "epoch3")
-                 if getattr(args, n) is not None]
-        if extra:
-            p.error(f"--scores (interface c) reads everything from the table; it does not take {', '.join(extra)}")
-        if args.percentage is not None:
-            k_ = num_chunks(args.percentage)
-            if PARTS[args.part] >= k_ and not args.exact:
-                p.error(f"--part {args.part} needs at least {PARTS[args.part] + 1} chunks; --percentage {args.percentage:g} gives {k_}")
+        refuse(("l1_ranking_file", "clustering", "epoch0", "epoch1", "epoch2", "epoch3"),
+               "--scores (interface c) reads everything from the table")
     elif args.l1_ranking_file:
-        extra = [f"--{n}" for n in ("clustering", "epoch0", "epoch1", "epoch2", "epoch3", "percentage")
-                 if getattr(args, n) is not None]
-        if extra:
-            p.error(f"--l1_ranking_file (interface a) writes every split; it does not take {', '.join(extra)}")
+        refuse(("clustering", "epoch0", "epoch1", "epoch2", "epoch3", "percentage"),
+               "--l1_ranking_file (interface a) writes every split")
     else:
         missing = [f"--{n}" for n in ("clustering", "epoch0", "epoch1", "percentage") if getattr(args, n) is None]
         if (args.lp1 or args.metric == "lp1") and args.epoch3 is None:
             missing.append("--epoch3")
         if missing:
             p.error(f"give --l1_ranking_file (interface a), --scores (c), or {', '.join(missing)} (interface b)")
+    if args.percentage is not None:
         k_ = num_chunks(args.percentage)
         if PARTS[args.part] >= k_ and not args.exact:
             p.error(f"--part {args.part} needs at least {PARTS[args.part] + 1} chunks; --percentage {args.percentage:g} gives {k_}")

@@ -80,7 +80,6 @@ def full_run(tmp_path_factory):
     return tmp_path, nums, x, labels, sel, sel5
 
 
-@pytest.mark.slow
 def test_numbers_match_independent_computation(full_run):
     tmp_path, nums, x, labels, _, _ = full_run
     for i in range(N_SEL):
@@ -131,7 +130,6 @@ def test_exact_within_kendall_equals_scipy_for_a_large_cluster(monkeypatch):
     assert a[1][0, 1] == pytest.approx(stats.kendalltau(x[:, 0], x[:, 1]).statistic, abs=1e-12)
 
 
-@pytest.mark.slow
 def test_published_comparison(full_run):
     tmp_path, nums, x, labels, sel, sel5 = full_run
     md = (tmp_path / "rep" / "report.md").read_text()
