@@ -20,6 +20,8 @@ before training and after every epoch (P0, P1, P2, P3 for 3 epochs).
 
 Outputs: ``{dump_dir}/epoch-pre.pkl``, ``epoch-1.pkl``, ... : each a pickled list of Python floats,
 one perplexity per training record in dataset order (the paper's format, read by process_pickle.py).
+With --dump_noprompt, ``{dump_dir}/noprompt/epoch-pre.pkl``, ...: the responses scored without their
+prompt (for IFD; process_pickle.py --noprompt); --score_only dumps the model as it is, no training.
 
 The training is train.py's (same flags, same data, same Trainer); a TrainerCallback runs ONE dump
 routine before training (on_train_begin) and at the end of every epoch (on_epoch_end).
@@ -110,14 +112,37 @@ class DumpArguments:
         metadata={"choices": list(LOGITS_MODES), "help": "'scored': project to the vocabulary only at the scored positions (fast, same result); "
                           "'all': full logits at every position, as the paper does (slower, for checking)."},
     )
-
     overwrite_dumps: bool = field(
         default=False,  # False: a fresh run refuses a --dump_dir holding another run's dumps
         metadata={"help": "A fresh run into a --dump_dir that holds another run's dumps stops with an error (they "
                           "would mix); with this flag it removes that run's dumps and manifest.json first."},
     )
+    # IFD (instruction-following difficulty) needs the response scored without its prompt
+    dump_noprompt: str = field(
+        default="",  # off; "pre" for IFD before training (Superfiltering), "pre,3" or "all" for more epochs
+        metadata={"help": "Also dump, at these epochs, the perplexity of every response scored WITHOUT its prompt "
+                          "(response + eos; one more scoring pass, same engine and batching) to "
+                          "{dump_dir}/noprompt/epoch-{pre,1,...}.pkl, for IFD = PPL(response | prompt) / PPL(response): "
+                          "comma-separated 'pre' and epoch numbers, or 'all'. Empty (default): off."},
+    )
+    score_only: bool = field(
+        default=False,  # the paper trains; True scores the model as it is (e.g. GPT-2 for Superfiltering's IFD)
+        metadata={"help": "Do not train: dump epoch-pre.pkl (and, with --dump_noprompt pre, noprompt/epoch-pre.pkl) "
+                          "for the model as it is, then stop. For perplexity or IFD scores of an off-the-shelf model "
+                          "(Superfiltering uses GPT-2). --output_dir is not written."},
+    )
+
+    def noprompt_epochs(self) -> set | None:
+        """The epochs of --dump_noprompt ("pre" and ints), None for all, an empty set when off."""
+        toks = [t.strip() for t in self.dump_noprompt.split(",") if t.strip()]
+        if "all" in toks:
+            return None
+        return {t if t == "pre" else int(t) for t in toks}
 
     def __post_init__(self):
+        for t in (t.strip() for t in self.dump_noprompt.split(",") if t.strip()):
+            if t not in ("pre", "all") and not (t.isdigit() and int(t) >= 1):
+                raise ValueError(f"--dump_noprompt takes 'pre', epoch numbers >= 1 or 'all', comma-separated; got {t!r}")
         if self.pplx_max_tokens is not None and self.pplx_max_tokens < 1:
             raise ValueError(f"--pplx_max_tokens must be >= 1, got {self.pplx_max_tokens}")
         if self.pplx_denominator not in DENOMINATORS:
@@ -662,6 +687,7 @@ def _make_callback_class():
                 )
                 if len(finite) != len(pplxs):
                     logger.warning("%s: %d perplexities are not finite", path, len(pplxs) - len(finite))
+            dump_noprompt(self, epoch)  # the no-prompt pass for IFD, when asked for this epoch
 
         def record(self, epoch, state):
             """Right after dump(epoch): add the file to the run's manifest.json (rank 0, atomically)."""
@@ -736,6 +762,56 @@ def _make_callback_class():
             self._dump_and_record(epoch, state)
 
     return PerplexityDumpCallback
+
+
+# ----------------------------------------------------------------------------------------
+# IFD: the response scored without its prompt
+
+
+NOPROMPT_SUBDIR = "noprompt"  # {dump_dir}/noprompt/epoch-pre.pkl, ...: the no-prompt dumps, same names
+
+
+def make_noprompt_data(data_args, tokenizer, model_max_length: int) -> SupervisedData:
+    """The records' responses alone (scores.tokenize_responses), dataset order."""
+    from scores import tokenize_responses
+    from utils import load_records
+
+    records = load_records(data_args.data_path, allow_chat=True, fields=data_args.data_fields)
+    return SupervisedData(*tokenize_responses(records, tokenizer, model_max_length))
+
+
+def attach_noprompt(cb, data_args, tokenizer, model_max_length: int) -> None:
+    """--dump_noprompt: give the callback a second callback of the same class over the responses alone,
+    writing to {dump_dir}/noprompt/ (the same dump routine, engine, settings and processes)."""
+    import dataclasses
+
+    sub_args = dataclasses.replace(cb.dump_args, dump_dir=os.path.join(cb.dump_args.dump_dir, NOPROMPT_SUBDIR))
+    sub = type(cb)(make_noprompt_data(data_args, tokenizer, model_max_length), cb.pad_token_id, sub_args)
+    cb.noprompt = sub.attach(cb.trainer)
+
+
+def dump_noprompt(cb, epoch) -> None:
+    """After the callback's dump at ``epoch``: the no-prompt dump, if --dump_noprompt asks for this epoch."""
+    sub = getattr(cb, "noprompt", None)
+    wanted = cb.dump_args.noprompt_epochs()
+    if sub is None or (wanted is not None and epoch not in wanted):
+        return
+    n = len(sub.written)
+    sub.dump(epoch)
+    cb.written += sub.written[n:]
+
+
+def score_only(model_args, data_args, training_args, dump_args) -> list[str]:
+    """--score_only: the dumps of the untrained model (epoch-pre.pkl, and noprompt/epoch-pre.pkl with
+    --dump_noprompt pre), through the same Trainer set-up and callback as a training run, no training."""
+    import train
+
+    _, tokenizer, data, trainer = train.setup(model_args, data_args, training_args)
+    dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
+    if dump_args.dump_noprompt:
+        attach_noprompt(dumper, data_args, tokenizer, training_args.model_max_length)
+    dumper.dump("pre")
+    return dumper.written
 
 
 # ----------------------------------------------------------------------------------------
@@ -815,6 +891,8 @@ def main(args=None, callbacks: Sequence = ()):
             f"--val_data_path {dump_args.val_data_path} differs from --data_path {data_args.data_path}: the "
             "perplexities are those of the training records (as in the paper); pass the same file or omit it"
         )
+    if dump_args.score_only:  # dumps of the model as it is, no training
+        return score_only(model_args, data_args, training_args, dump_args)
     ckpt = train.resolve_resume(training_args)  # the newest complete checkpoint for "last"
     if ckpt is not None:
         training_args.resume_from_checkpoint = ckpt  # resolved once: fit() gets the folder
@@ -830,6 +908,8 @@ def main(args=None, callbacks: Sequence = ()):
         if run is not None:
             dumper.manifest, dumper.replace = _settle_manifest(run, data, tokenizer, model_args, training_args,
                                                                dump_args)
+        if dump_args.dump_noprompt:  # the no-prompt pass for IFD
+            attach_noprompt(dumper, data_args, tokenizer, training_args.model_max_length)
         for cb in (dumper, *callbacks):
             trainer.add_callback(cb)
 

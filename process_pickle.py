@@ -27,6 +27,12 @@ LP(1) = (P0 - P1) / (P0 - P3), and 0 when P0 == P3 (written as the integer 0, as
 Records with perplexity exactly 1.0 in every dump look fully truncated (no response token scored);
 they get LP(1) = 0 and look "hardest": their number is reported (subset.py --exclude_truncated).
 
+Also writes {output_dir}/{model_name}-scores.parquet, the score table (scores.py: P0..Pn, LP(i),
+LP(1)-approx, truncated and unlearned flags, IFD with --noprompt), read by subset.py --scores and
+report.py; --no_scores skips it. With fewer dumps (--epoch0 --epoch1: the one-epoch selector,
+LP(1)-approx; or --epoch0 alone with --noprompt, IFD) only the score table is written: the paper's CSV
+needs P0..P3.
+
 Every input is checked: pickles are loaded without running code, and the dataset, the clustering and
 the four dumps must have the same length (the paper's code silently misaligned). Dumps written by
 dump_pplxs.py have a manifest.json beside them: then all four must be listed in it unchanged, come from
@@ -47,6 +53,9 @@ import data
 from clustering import load_clustering
 from data import alpaca_text
 from manifest import check_dumps
+from scores import add_arguments as add_score_arguments
+from scores import check_arguments as check_score_arguments
+from scores import write_from_args as write_score_table_from_args
 from utils import (
     UserError,
     atomic_write,
@@ -188,15 +197,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_arguments(p, "the dataset the perplexities were dumped for")
     p.add_argument("--epoch0", required=True, help="pickle of perplexities before training (P0), e.g. dump-pplxs/epoch-pre.pkl")
-    p.add_argument("--epoch1", required=True, help="pickle of perplexities after epoch 1 (P1), e.g. dump-pplxs/epoch-1.pkl")
-    p.add_argument("--epoch2", required=True, help="pickle of perplexities after epoch 2 (P2), e.g. dump-pplxs/epoch-2.pkl")
-    p.add_argument("--epoch3", required=True, help="pickle of perplexities after epoch 3 (P3), e.g. dump-pplxs/epoch-3.pkl")
+    p.add_argument("--epoch1", help="pickle of perplexities after epoch 1 (P1), e.g. dump-pplxs/epoch-1.pkl "
+                   "(with --epoch0 only: the one-epoch selector, LP(1)-approx; score table only, no CSV)")
+    p.add_argument("--epoch2", help="pickle of perplexities after epoch 2 (P2), e.g. dump-pplxs/epoch-2.pkl")
+    p.add_argument("--epoch3", help="pickle of perplexities after epoch 3 (P3), e.g. dump-pplxs/epoch-3.pkl "
+                   "(the paper's CSV needs all four dumps; fewer write the score table only)")
     p.add_argument("--clustering", required=True, help="clustering pickle from clustering.py, e.g. clustering/alpaca-clustering.pkl")
     p.add_argument("--model_name", default="model", help="names the CSV and its columns, e.g. alpaca-llama2-7b (paper default: model)")
     p.add_argument("--output_dir", default="l1-rankings", help="folder of the CSV {output_dir}/{model_name}-l1_ranking.csv (default ./l1-rankings)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also draw the LP(1) / LP(1)-approx histograms and P0..P3 trajectories (needs matplotlib)")
+    add_score_arguments(p)  # the score table's flags (scores.py)
     args = p.parse_args(argv)
+    given = [e for e in EPOCHS if getattr(args, e)]
+    if given != list(EPOCHS[:len(given)]):
+        p.error(f"give the dumps in order without gaps (--epoch0, --epoch1, ...); got {', '.join('--' + e for e in given)}")
+    if args.plot and len(given) < 4:
+        p.error("--plot needs the four dumps --epoch0 .. --epoch3")
+    if len(given) < 4 and args.no_scores:
+        p.error("with fewer than four dumps only the score table is written; drop --no_scores")
+    check_score_arguments(p, args)
     if not args.model_name or any(c in args.model_name for c in "/\\,\"\n"):
         p.error("--model_name must be non-empty and contain no '/', '\\', ',', '\"' or newline")
     return args
@@ -207,20 +227,26 @@ def main(args) -> str:
         args = parse_args(args)
     records, pp, cluster = load_inputs(args.dataset, {e: getattr(args, e) for e in EPOCHS}, args.clustering,
                                        data.Fields.from_args(args))
-    p0, p1, p2, p3 = (pp[e] for e in EPOCHS)
-    path = os.path.join(args.output_dir, f"{args.model_name}-l1_ranking.csv")
+    dumps = [pp[e] for e in EPOCHS if e in pp]
     n = len(records)
-    if args.plot:  # before the CSV, so a missing matplotlib leaves no partial output
-        plot_lp(args.plot, args.model_name, p0, p1, p2, p3)
-    write_ranking_csv(path, args.model_name, records, cluster, p0, p1, p2, p3)
-    n_trunc = int(truncated_mask([p0, p1, p2, p3]).sum())
+    path = None
+    if len(dumps) == 4:  # the paper's CSV
+        p0, p1, p2, p3 = dumps
+        path = os.path.join(args.output_dir, f"{args.model_name}-l1_ranking.csv")
+        if args.plot:  # before the CSV, so a missing matplotlib leaves no partial output
+            plot_lp(args.plot, args.model_name, p0, p1, p2, p3)
+        write_ranking_csv(path, args.model_name, records, cluster, p0, p1, p2, p3)
+    n_trunc = int(truncated_mask(dumps).sum())
     print(f"{n} records, {len(np.unique(cluster))} clusters; "
           f"fully truncated (perplexity 1.0 in every dump, LP(1) = 0): {fmt_share(n_trunc, n)}")
     if args.plot:
         print(f"Generated {args.plot}")
-    print(f"Generated {path}!")
-    return path
-
+    if path:
+        print(f"Generated {path}!")
+    else:
+        print(f"{len(dumps)} dumps (P0..P{len(dumps) - 1}): no CSV (the paper's format needs P0..P3), the score table only")
+    scores_path = write_score_table_from_args(args, records, dumps, cluster)  # the score table (scores.py)
+    return path or scores_path
 
 if __name__ == "__main__":
     import sys

@@ -38,6 +38,18 @@ random.sample(members sorted by LP(1), size of that split's chunk 0). In (a) the
 percentages are made per cluster in the order 33, 25, 10, 5, 3, 1 from one stream (how the published
 clust_rand files were made); (b) makes one draw per cluster, like the paper's later subset.py.
 
+(c) The score table of process_pickle.py (any of its columns; with --percentage one split, without it
+    every split of (a), the same files):
+
+    python subset.py --dataset data/alpaca_data.json --scores l1-rankings/alpaca-llama2-7b-scores.parquet \
+        --metric lp1 --percentage 0.5 --exact --exclude_unlearned
+
+One mechanism for every kind: --lp1, --lp1_approx and --metric NAME [--order low|high] all sort each
+cluster by their metric (descending for --order high, files "{p}_highest_NAME-...") and keep a chunk by
+the rule below; --metric lp1 --order low writes byte-identical files to --lp1. Two dumps (--epoch0,
+--epoch1, or a two-dump table) are the one-epoch selector: --lp1_approx, and --clust_rand draws from the
+clusters sorted by LP(1)-approx.
+
 Beyond the paper (defaults stay faithful):
   --exact               the paper's rule keeps ceil(n/k) >= 1 records per cluster, so its "1%" of Alpaca
                         is 2.0% of the data. --exact keeps round(p% of the dataset) records, allocated
@@ -47,6 +59,10 @@ Beyond the paper (defaults stay faithful):
   --exclude_truncated   records with perplexity exactly 1.0 in every dump (fully truncated prompt: no
                         response token scored) have LP(1) = 0 and are picked as "hardest"; this leaves
                         them out (files get a "-notrunc" suffix). Their number is always reported.
+  --exclude_unlearned   leaves out the records flagged "unlearned" (scores.unlearned_mask: by default the 5%
+                        of each cluster whose perplexity fell least; the table's own rule with --scores);
+                        files get a "-nounlearned" suffix.
+  --percentage below 1  works: 0.5 is k = 200 chunks per cluster (>= 1 record each), or 0.5% with --exact.
 Every run prints, per split, the records kept and their share of the dataset; (b) warns when the
 achieved share is far from --percentage (p from 41 to 66 gives k = 2, i.e. 50%; 67 to 100 gives 100%).
 All files or none: a run's files are written into a hidden folder inside --output_dir and moved into place
@@ -71,6 +87,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import data
+from scores import read_ranking_fields, unlearned_mask
 from utils import (
     UserError,
     check_lengths,
@@ -102,9 +119,11 @@ def num_chunks(percentage: float) -> int:
     [3, 4, 10, 20, 33, 100]
     >>> [num_chunks(p) for p in (41, 66, 67, 100)]   # 41..66 -> 50%, 67..100 -> 100%
     [2, 2, 1, 1]
+    >>> num_chunks(0.5)   # budgets below 1%: k = 200
+    200
     """
     if not 0 < percentage <= 100:
-        raise UserError(f"percentage {percentage} is outside 1..100")
+        raise UserError(f"percentage {percentage} is outside (0, 100]")
     return max(1, round(100 / percentage))
 
 
@@ -282,6 +301,7 @@ class Ranking:
     metrics: dict  # "lp1" / "lp1_approx" -> float64 array
     truncated: np.ndarray | None  # bool; None when not all four dumps are known
     model_name: str
+    unlearned: np.ndarray | None = None  # bool (scores.unlearned_mask); None when unknown
 
 
 def read_ranking_csv(path: str, n_records: int, dataset: str) -> Ranking:
@@ -336,7 +356,8 @@ def read_ranking_csv(path: str, n_records: int, dataset: str) -> Ranking:
     n_off = int((~np.isclose(l1, ref, rtol=1e-9, atol=1e-12)).sum())
     if n_off:
         print(f"warning: {path}: {m}_L1 differs from (P0-P1)/(P0-P3) for {n_off} records; selecting on the {m}_L1 column")
-    return Ranking(cluster, {"lp1": l1, "lp1_approx": lp1_approx(p[0], p[1])}, truncated_mask(p), m)
+    trunc = truncated_mask(p)
+    return Ranking(cluster, {"lp1": l1, "lp1_approx": lp1_approx(p[0], p[1])}, trunc, m, unlearned_mask(p[0], p[3], cluster, truncated=trunc))
 
 
 def ranking_from_dumps(args, n_records: int) -> Ranking:
@@ -348,7 +369,8 @@ def ranking_from_dumps(args, n_records: int) -> Ranking:
     if "epoch3" in pp:
         metrics["lp1"] = lp1(pp["epoch0"], pp["epoch1"], pp["epoch3"])
     trunc = truncated_mask([pp[e] for e in EPOCHS]) if len(pp) == 4 else None
-    return Ranking(cluster, metrics, trunc, args.model_name)
+    last = pp["epoch3"] if "epoch3" in pp else pp["epoch1"]  # Pn: the last dump given
+    return Ranking(cluster, metrics, trunc, args.model_name, unlearned_mask(pp["epoch0"], last, cluster, truncated=trunc))
 
 
 # ----------------------------------------------------------------------------------------
@@ -357,27 +379,37 @@ def ranking_from_dumps(args, n_records: int) -> Ranking:
 
 @dataclass
 class Split:
-    kind: str  # lp1, lp1_approx or clust_rand
+    kind: str  # lp1, lp1_approx, clust_rand, or any metric (a column of the score table)
     percentage: float
     part: str = "low"
+    order: str = "low"  # "high": members sorted by the metric descending (the highest-scored first)
 
     def filename(self, model: str, suffix: str = "", ext: str = ".json") -> str:
         p = f"{self.percentage:g}"
         if self.kind == "clust_rand":
             return f"{p}_clust_rand-{model}{suffix}{ext}"
-        return f"{p}_{self.part}_{self.kind}-{model}{suffix}{ext}"
+        part = "highest" if self.order == "high" else self.part  # "high" is the paper's 33_high chunk
+        return f"{p}_{part}_{self.kind}-{model}{suffix}{ext}"
 
 
 def select(ranking: Ranking, splits: list[Split], exact: bool, exclude_truncated: bool, n_records: int,
-           interface_a: bool) -> list[np.ndarray]:
-    """Dataset indices of every split, in output order."""
+           interface_a: bool, exclude_unlearned: bool = False) -> list[np.ndarray]:
+    """Dataset indices of every split, in output order. Every kind is one mechanism: sort each cluster
+    by the split's metric (descending for order "high") and keep a chunk; clust_rand draws from the
+    clusters sorted by LP(1) (LP(1)-approx when only two dumps are known)."""
     eligible = None
     if exclude_truncated and ranking.truncated is not None:
         eligible = ~ranking.truncated
+    if exclude_unlearned and ranking.unlearned is not None:
+        eligible = ~ranking.unlearned if eligible is None else eligible & ~ranking.unlearned
     n_eligible = n_records if eligible is None else int(eligible.sum())
+    rand_key = "lp1" if "lp1" in ranking.metrics else "lp1_approx"
     sorted_by = {}
-    for kind in {("lp1" if s.kind == "clust_rand" else s.kind) for s in splits}:
-        sorted_by[kind] = sort_members(ranking.cluster, ranking.metrics[kind], eligible)
+    for s in splits:
+        key = (rand_key if s.kind == "clust_rand" else s.kind, s.order)
+        if key not in sorted_by:
+            m = ranking.metrics[key[0]]
+            sorted_by[key] = sort_members(ranking.cluster, -m if key[1] == "high" else m, eligible)
     result: list = [None] * len(splits)
 
     def budget(p):
@@ -385,12 +417,12 @@ def select(ranking: Ranking, splits: list[Split], exact: bool, exclude_truncated
 
     for t, s in enumerate(splits):
         if s.kind != "clust_rand":
-            order, starts, sizes = sorted_by[s.kind]
+            order, starts, sizes = sorted_by[(s.kind, s.order)]
             off, length = chunk_geometry(sizes, s.percentage, s.part, budget(s.percentage))
             result[t] = take_chunks(order, starts, off, length)
     rand = [t for t, s in enumerate(splits) if s.kind == "clust_rand"]
     if rand:
-        order, starts, sizes = sorted_by["lp1"]
+        order, starts, sizes = sorted_by[(rand_key, "low")]
         counts = [chunk_geometry(sizes, splits[t].percentage, "low", budget(splits[t].percentage))[1] for t in rand]
         if interface_a:  # one stream, per cluster the draws for 33, 25, 10, 5, 3, 1 (the published files)
             draws = clust_rand_draws(order, starts, counts)
@@ -399,6 +431,29 @@ def select(ranking: Ranking, splits: list[Split], exact: bool, exclude_truncated
         for t, d in zip(rand, draws):
             result[t] = np.asarray(d, dtype=np.int64)
     return result
+
+
+def make_splits(args, ranking: Ranking, every_split: bool) -> list[Split]:
+    """The splits asked for: every split of SPLITS (interface a) or one percentage, for every kind
+    chosen (--lp1, --lp1_approx, --metric NAME, then --clust_rand)."""
+    kinds = [(kind, "low") for kind in ("lp1", "lp1_approx") if getattr(args, kind)]
+    if args.metric and (args.metric, args.order) not in kinds:
+        kinds.append((args.metric, args.order))
+    for kind, _ in kinds:
+        if kind not in ranking.metrics:
+            have = ", ".join(sorted(ranking.metrics))
+            why = " (LP(1) needs three or more epochs of dumps)" if kind == "lp1" else ""
+            raise UserError(f"no metric {kind!r} in this input{why}; it has: {have}")
+    splits = []
+    for kind, order in kinds:
+        if every_split:
+            splits += [Split(kind, p, part, order) for p, parts in SPLITS.items() for part in parts
+                       if order == "low" or part == "low"]
+        else:
+            splits.append(Split(kind, args.percentage, args.part, order))
+    if args.clust_rand:
+        splits += [Split("clust_rand", p) for p in SPLITS] if every_split else [Split("clust_rand", args.percentage)]
+    return splits
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -411,38 +466,61 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--epoch0", help="perplexities before training (P0), e.g. dump-pplxs/epoch-pre.pkl")
     b.add_argument("--epoch1", help="perplexities after epoch 1 (P1)")
     b.add_argument("--epoch2", help="perplexities after epoch 2 (P2); optional, used to spot fully truncated records")
-    b.add_argument("--epoch3", help="perplexities after epoch 3 (P3); needed for --lp1 and --clust_rand")
-    b.add_argument("--percentage", type=float, help="p in 1..100: keep chunk --part of k = round(100/p) per cluster")
+    b.add_argument("--epoch3", help="perplexities after epoch 3 (P3); needed for --lp1 (without it: the one-epoch "
+                   "selector, --lp1_approx; --clust_rand then draws from clusters sorted by LP(1)-approx)")
+    b.add_argument("--percentage", type=float,
+                   help="p in (0, 100]: keep chunk --part of k = round(100/p) per cluster (0.5 -> k = 200; --exact: p%% of the data)")
     b.add_argument("--part", choices=tuple(PARTS), default="low",
                    help="which chunk to keep: low (default, lowest LP), mid or high (need k >= 2 / 3)")
     b.add_argument("--model_name", default="model", help="names the output files (paper default: model)")
+    c = p.add_argument_group("(c) the score table (process_pickle.py's {model_name}-scores.parquet): any of its columns")
+    c.add_argument("--scores", metavar="FILE.parquet",
+                   help="score table; with --percentage writes that percentage, without it every split of (a)")
     k = p.add_argument_group("kinds (choose at least one)")
     k.add_argument("--lp1", action=argparse.BooleanOptionalAction, default=False, help="subsets by LP(1) = (P0-P1)/(P0-P3)")
     k.add_argument("--lp1_approx", action=argparse.BooleanOptionalAction, default=False, help="subsets by LP(1)-approx = (P0-P1)/P0")
     k.add_argument("--clust_rand", action=argparse.BooleanOptionalAction, default=False,
                    help="baseline: per cluster, a random sample of the same size (random seeded 42)")
+    k.add_argument("--metric", metavar="NAME",
+                   help="subsets by any score column (--scores: p0, lp2, lp1_approx, ifd, len_response, ...; the CSV and "
+                        "dumps give lp1 and lp1_approx) with the same per-cluster rule; --metric lp1 is --lp1")
+    k.add_argument("--order", choices=("low", "high"), default="low",
+                   help="--metric only: keep the lowest (default, files '{p}_low_NAME') or the highest scored "
+                        "members of each cluster (files '{p}_highest_NAME')")
     o = p.add_argument_group("options")
     o.add_argument("--output_dir", default="data", help="folder of the subsets (default ./data)")
     o.add_argument("--exact", action="store_true",
                    help="keep exactly p%% of the dataset, allocated to clusters by size (largest remainder); files get '-exact'")
     o.add_argument("--exclude_truncated", action="store_true",
                    help="leave out records with perplexity 1.0 in every dump (fully truncated); files get '-notrunc'")
+    o.add_argument("--exclude_unlearned", action="store_true",
+                   help="leave out records flagged 'unlearned' (the 5%% of each cluster whose perplexity fell least, highest "
+                        "Pn/P0; with --scores the table's own rule); files get '-nounlearned'")
     args = p.parse_args(argv)
-    if not (args.lp1 or args.lp1_approx or args.clust_rand):
-        p.error("choose at least one kind: --lp1, --lp1_approx and/or --clust_rand")
-    if args.l1_ranking_file:
-        extra = [f"--{n}" for n in ("clustering", "epoch0", "epoch1", "epoch2", "epoch3", "percentage")
-                 if getattr(args, n) is not None]
+    if not (args.lp1 or args.lp1_approx or args.clust_rand or args.metric):
+        p.error("choose at least one kind: --lp1, --lp1_approx, --clust_rand and/or --metric NAME")
+    if args.order == "high" and args.part != "low":
+        p.error("--order high keeps the highest-scored chunk; it does not combine with --part")
+    if args.percentage is not None and not 0 < args.percentage <= 100:
+        p.error(f"--percentage must be in (0, 100], got {args.percentage:g}")
+    def refuse(names, why):
+        extra = [f"--{n}" for n in names if getattr(args, n) is not None]
         if extra:
-            p.error(f"--l1_ranking_file (interface a) writes every split; it does not take {', '.join(extra)}")
+            p.error(f"{why}; it does not take {', '.join(extra)}")
+
+    if args.scores:
+        refuse(("l1_ranking_file", "clustering", "epoch0", "epoch1", "epoch2", "epoch3"),
+               "--scores (interface c) reads everything from the table")
+    elif args.l1_ranking_file:
+        refuse(("clustering", "epoch0", "epoch1", "epoch2", "epoch3", "percentage"),
+               "--l1_ranking_file (interface a) writes every split")
     else:
         missing = [f"--{n}" for n in ("clustering", "epoch0", "epoch1", "percentage") if getattr(args, n) is None]
-        if (args.lp1 or args.clust_rand) and args.epoch3 is None:
+        if (args.lp1 or args.metric == "lp1") and args.epoch3 is None:
             missing.append("--epoch3")
         if missing:
-            p.error(f"give --l1_ranking_file (interface a), or {', '.join(missing)} (interface b)")
-        if not 1 <= args.percentage <= 100:
-            p.error(f"--percentage must be between 1 and 100, got {args.percentage:g}")
+            p.error(f"give --l1_ranking_file (interface a), --scores (c), or {', '.join(missing)} (interface b)")
+    if args.percentage is not None:
         k_ = num_chunks(args.percentage)
         if PARTS[args.part] >= k_ and not args.exact:
             p.error(f"--part {args.part} needs at least {PARTS[args.part] + 1} chunks; --percentage {args.percentage:g} gives {k_}")
@@ -457,18 +535,14 @@ def main(args) -> dict:
         args = parse_args(args)
     source = data.load(args.dataset, allow_chat=True, fields=data.Fields.from_args(args))
     n = len(source)
-    interface_a = bool(args.l1_ranking_file)
-    if interface_a:
+    interface_a = args.percentage is None  # (a), or (c) without --percentage: every split at once
+    if args.scores:  # the score table (scores.py)
+        ranking = Ranking(*read_ranking_fields(args.scores, source.views))
+    elif interface_a:
         ranking = read_ranking_csv(args.l1_ranking_file, n, args.dataset)
-        splits = []
-        for kind in ("lp1", "lp1_approx"):
-            if getattr(args, kind):
-                splits += [Split(kind, p, part) for p, parts in SPLITS.items() for part in parts]
-        if args.clust_rand:
-            splits += [Split("clust_rand", p) for p in SPLITS]
     else:
         ranking = ranking_from_dumps(args, n)
-        splits = [Split(kind, args.percentage, args.part) for kind in KINDS if getattr(args, kind)]
+    splits = make_splits(args, ranking, interface_a)
     model = ranking.model_name
     if ranking.truncated is not None:
         n_trunc = int(ranking.truncated.sum())
@@ -477,8 +551,13 @@ def main(args) -> dict:
     elif args.exclude_truncated:
         raise UserError("--exclude_truncated needs all four dumps (--epoch0 .. --epoch3)")
     print(f"{n} records in {len(np.unique(ranking.cluster))} clusters; model name {model!r}")
-    chosen = select(ranking, splits, args.exact, args.exclude_truncated, n, interface_a)
-    suffix = ("-exact" if args.exact else "") + ("-notrunc" if args.exclude_truncated else "")
+    if args.exclude_unlearned:
+        if ranking.unlearned is None:
+            raise UserError("--exclude_unlearned: no unlearned flags for this input")
+        print(f"unlearned records (perplexity barely fell): {fmt_share(int(ranking.unlearned.sum()), n)}, left out (--exclude_unlearned)")
+    chosen = select(ranking, splits, args.exact, args.exclude_truncated, n, interface_a, args.exclude_unlearned)
+    suffix = ("-exact" if args.exact else "") + ("-notrunc" if args.exclude_truncated else "") + \
+        ("-nounlearned" if args.exclude_unlearned else "")
     ext = data.SUBSET_EXTENSIONS[data.subset_format(source)]
     json_list_text = None
     if data.subset_format(source) == "json":  # the paper's format, byte for byte: the original records

@@ -747,18 +747,31 @@ def warn_truncated(data: SupervisedData, model_max_length: int) -> None:
                 f"{model_max_length} (prompt fills the window); they contribute nothing to training")
 
 
-def fit(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, prepare=None):
-    """The training both scripts share: load, tokenize, train (resuming if asked), save model, tokenizer
-    and trainer_state.json to --output_dir. ``prepare(trainer, data, tokenizer)`` runs just before
-    training (dump_pplxs.py adds its perplexity callback there). Returns the trainer."""
-    resume = resolve_resume(training_args)
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+def load_training_data(data_args: DataArguments, tokenizer, training_args: TrainingArguments) -> SupervisedData:
+    """The records of --data_path (column map of the --*_field flags), rendered and tokenized as the
+    rendering flags say, with the boundary and truncation warnings."""
     data = make_supervised_data(data_args.data_path, tokenizer, training_args.model_max_length,
                                 data_args.render_options(), fields=data_args.data_fields)
     if data.boundary_message:
         notice(data.boundary_message)
     warn_truncated(data, training_args.model_max_length)
-    trainer = build_trainer(model, tokenizer, data, training_args)
+    return data
+
+
+def setup(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    """Model, tokenizer, data and Trainer, as both scripts train (and dump_pplxs.py --score_only scores).
+    Returns (model, tokenizer, data, trainer)."""
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    data = load_training_data(data_args, tokenizer, training_args)
+    return model, tokenizer, data, build_trainer(model, tokenizer, data, training_args)
+
+
+def fit(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, prepare=None):
+    """The training both scripts share: load, tokenize, train (resuming if asked), save model, tokenizer
+    and trainer_state.json to --output_dir. ``prepare(trainer, data, tokenizer)`` runs just before
+    training (dump_pplxs.py adds its perplexity callback there). Returns the trainer."""
+    resume = resolve_resume(training_args)
+    model, tokenizer, data, trainer = setup(model_args, data_args, training_args)
     if prepare is not None:
         prepare(trainer, data, tokenizer)
     trainer.train(resume_from_checkpoint=resume)

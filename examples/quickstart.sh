@@ -104,7 +104,8 @@ selector_epochs=$QS_SELECTOR_EPOCHS target_epochs=$QS_TARGET_EPOCHS selector=${Q
 target=${QS_TARGET_HIDDEN}x$QS_TARGET_LAYERS batch=$QS_BATCH selector_lr=$QS_SELECTOR_LR target_lr=$QS_TARGET_LR \
 max_len=$QS_MAX_LEN new_tokens=$QS_NEW_TOKENS threads=$QS_THREADS"
 CODE_FILES=(data/sample_train.json data/sample_heldout.json utils.py clustering.py dump_pplxs.py process_pickle.py
-            subset.py train.py evaluate.py examples/make_tiny_models.py examples/compare.py examples/quickstart.sh)
+            subset.py train.py evaluate.py data.py rendering.py manifest.py scores.py report.py
+            examples/make_tiny_models.py examples/compare.py examples/quickstart.sh)
 HASH=$( { echo "$CONFIG"; cat "${CODE_FILES[@]}"; } | "$PY" -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:10])")
 NAME="n${QS_RECORDS/#0/all}-k$QS_CLUSTERS-p$QS_PERCENTAGE-e$QS_SELECTOR_EPOCHS.$QS_TARGET_EPOCHS-$HASH"
 RUN="$QS_RUNS/$NAME"
@@ -123,7 +124,7 @@ if (( n_done > 0 )); then
 fi
 
 STEP=0
-N_STEPS=11
+N_STEPS=14
 RAN_ANY=0
 T_START=$SECONDS
 # step NAME DESCRIPTION CMD...: run CMD unless NAME finished earlier in this run folder; time it;
@@ -266,6 +267,25 @@ for s in "${SUBSETS[@]}"; do
         --output_dir "$RUN/targets/$s" --num_train_epochs "$QS_TARGET_EPOCHS" --learning_rate "$QS_TARGET_LR" \
         "${TRAIN_FLAGS[@]}"
 done
+# --- score table, --exclude_unlearned, selection report ----------------------------------------------
+# process_pickle.py (step 3a) also wrote the score table; from it: the P% lowest-LP(1) subset without
+# the records flagged "unlearned" (the 5% of each cluster whose perplexity fell least), a target trained
+# on it (a row of the comparison, through EXTRA_RUN_ARGS), and the selection report (report.py).
+SCORES="$RUN/l1-rankings/selector-scores.parquet"
+NOUNL="$SUB/${P}_low_lp1-selector-nounlearned.json"
+step subsets-nounlearned "step 3b: $P% lowest LP(1) without the unlearned records (subset.py --scores --exclude_unlearned)" \
+    "$PY" subset.py --dataset "$TRAIN" --scores "$SCORES" --lp1 --percentage "$P" --exclude_unlearned --output_dir "$SUB"
+step target-lp1_nounlearned "step 4: train the target on ${P}_lp1_nounlearned ($QS_TARGET_EPOCHS epochs) (train.py)" \
+    "$PY" train.py --model_name_or_path "$RUN/models/target" --data_path "$NOUNL" \
+    --output_dir "$RUN/targets/lp1_nounlearned" --num_train_epochs "$QS_TARGET_EPOCHS" --learning_rate "$QS_TARGET_LR" \
+    "${TRAIN_FLAGS[@]}"
+REPORT_FIG_ARGS=()
+(( HAVE_PLOT )) || REPORT_FIG_ARGS=(--no-figures)
+step report "selection report: what was chosen and why (report.py)" \
+    "$PY" report.py --scores "$SCORES" --dataset "$TRAIN" --output_dir "$RUN/report" --budgets 1 5 "$P" 33 \
+    ${REPORT_FIG_ARGS[@]+"${REPORT_FIG_ARGS[@]}"}
+EXTRA_RUN_ARGS=(--run "${P}_lp1_nounlearned" "$RUN/targets/lp1_nounlearned" "$NOUNL" "$(cat "$RUN/times/target-lp1_nounlearned")")
+
 if (( QS_PARALLEL )); then
     wait_bg
 else
@@ -281,6 +301,8 @@ for s in "${SUBSETS[@]}"; do
     EVAL_MODELS+=("$RUN/targets/$s") EVAL_NAMES+=("${P}_$s")
     RUN_ARGS+=(--run "${P}_$s" "$RUN/targets/$s" "$(subset_file "$s")" "$(cat "$RUN/times/target-$s")")
 done
+EVAL_MODELS+=("$RUN/targets/lp1_nounlearned") EVAL_NAMES+=("${P}_lp1_nounlearned")
+RUN_ARGS+=("${EXTRA_RUN_ARGS[@]}")  # the --exclude_unlearned row
 EVAL_MODELS+=("$RUN/targets/full") EVAL_NAMES+=(full)
 RUN_ARGS+=(--run full "$RUN/targets/full" "$TRAIN" "$(cat "$RUN/times/target-full")")
 step evaluate "step 5: greedy responses, exact match and gold perplexity on the held-out split (evaluate.py)" \
@@ -305,5 +327,7 @@ if (( HAVE_PLOT )); then echo "  plot              $PLOT"; fi
 for s in "${SUBSETS[@]}"; do printf '  subset %-10s %s\n' "$s" "$(subset_file "$s")"; done
 for s in "${SUBSETS[@]}" full; do printf '  target %-10s %s\n' "$s" "$RUN/targets/$s"; done
 echo "  evaluation        $RUN/eval/summary.md, responses in $RUN/eval/generations/"
+echo "  score table       $SCORES"
+echo "  report            $RUN/report/report.md (and report.html)"
 echo "  comparison        $RUN/compare.md (and compare.json)"
 echo "  logs              $RUN/logs/"

@@ -144,6 +144,8 @@ def test_help_explains_every_flag(capsys):
 def test_output_dir_gets_only_the_csv(tmp_path):
     ws = make_workspace(str(tmp_path / "in"), n=40, k=2)
     process_pickle.main(dump_args(ws["paths"], "--model_name", "m", "--output_dir", str(tmp_path / "rk")))
-    assert listdir_all(str(tmp_path / "rk")) == ["m-l1_ranking.csv"]
+    assert listdir_all(str(tmp_path / "rk")) == ["m-l1_ranking.csv", "m-scores.parquet"]   # no temporary file left
+    process_pickle.main(dump_args(ws["paths"], "--model_name", "m", "--output_dir", str(tmp_path / "rk2"), "--no_scores"))
+    assert listdir_all(str(tmp_path / "rk2")) == ["m-l1_ranking.csv"]
     with open(tmp_path / "rk" / "m-l1_ranking.csv", "rb") as f:
         assert f.read().count(b"\r\n") >= 41   # the csv module's \r\n line ends, as the paper's files

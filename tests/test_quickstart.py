@@ -131,7 +131,8 @@ def test_comparison_table(quickstart):
     text = _read(os.path.join(run, "compare.md"))
     assert "| training data | records | share |" in text and text.split("## Held-out perplexity of")[1] in out
     res = json.loads(_read(os.path.join(run, "compare.json")))["results"]
-    assert [r["name"] for r in res] == ["untrained target", f"{P}_lp1", f"{P}_lp1_approx", f"{P}_clust_rand", "full"]
+    assert [r["name"] for r in res] == ["untrained target", f"{P}_lp1", f"{P}_lp1_approx", f"{P}_clust_rand",
+                                        f"{P}_lp1_nounlearned", "full"]   # the --exclude_unlearned row
     for r in res:
         assert math.isfinite(r["heldout_ppl"]) and r["heldout_ppl"] > 1
         assert f"| {r['name']} |" in text
@@ -180,8 +181,27 @@ def test_rerun_reuses_every_step(quickstart):
               for p in ("compare.md", "eval/summary.json", "dump-pplxs/epoch-3.pkl")}
     proc = _run(runs)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("done earlier") == 11
+    assert proc.stdout.count("done earlier") == 14
     assert "QS_FRESH=1" in proc.stdout  # says how to start over
     assert "| full |" in proc.stdout  # the table is shown again
     assert os.path.realpath(os.path.join(runs, "latest")) == run
     assert before == {p: os.path.getmtime(os.path.join(run, p)) for p in before}
+
+
+@pytest.mark.slow
+def test_score_table_report_and_exclude_unlearned(quickstart):
+    """Issue 9's block: the score table, the report, and a subset without the unlearned records."""
+    import scores
+
+    _, run, out = quickstart
+    train, _, _ = _inputs(run)
+    df, _ = scores.read_score_table(os.path.join(run, "l1-rankings", "selector-scores.parquet"), train)
+    flagged = df["unlearned"].to_numpy()
+    assert flagged.sum() >= K   # at least one per cluster (ceil of 5%)
+    sub = load_records(os.path.join(run, "subsets", f"{P}_low_lp1-selector-nounlearned.json"))
+    key = [json.dumps(r, sort_keys=True) for r in train]
+    idx = [key.index(json.dumps(r, sort_keys=True)) for r in sub]
+    assert idx and not flagged[idx].any()
+    md = _read(os.path.join(run, "report", "report.md"))
+    assert "# Selection report: 1 selector(s)" in md and os.path.isfile(os.path.join(run, "report", "report.html"))
+    assert os.path.join(run, "report", "report.md") in out

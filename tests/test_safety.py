@@ -114,9 +114,9 @@ def test_bad_datasets(tmp_path, ws, content, match):
 
 @pytest.mark.parametrize("argv, match", [
     (["--percentage", "10"], "choose at least one kind"),
-    (["--percentage", "0", "--lp1"], "between 1 and 100"),
-    (["--percentage", "101", "--lp1"], "between 1 and 100"),
-    (["--percentage", "-5", "--lp1"], "between 1 and 100"),
+    (["--percentage", "0", "--lp1"], "must be in (0, 100]"),
+    (["--percentage", "101", "--lp1"], "must be in (0, 100]"),
+    (["--percentage", "-5", "--lp1"], "must be in (0, 100]"),
     (["--lp1"], "--percentage"),
     (["--percentage", "60", "--part", "high", "--lp1"], "--part high needs at least 3 chunks"),
 ])
