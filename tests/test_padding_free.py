@@ -50,10 +50,10 @@ def _tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir, padding_side="right")
 
 
-def _args(tmp_path, padding_free, accumulation=2):
+def _args(tmp_path, padding_free, use_cache=False):
     return train.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
-                                   gradient_accumulation_steps=accumulation, report_to="none", use_cpu=True,
-                                   padding_free=padding_free)
+                                   gradient_accumulation_steps=2, report_to="none", use_cpu=True,
+                                   padding_free=padding_free, use_cache=use_cache)
 
 
 def _step(model0, tok, data, args):
@@ -82,14 +82,17 @@ def _token_average(model, data, n):
     return total / count
 
 
-@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
-                                         ("qwen2", "sdpa")])
-def test_packed_batch_has_the_padded_loss_and_gradients(family, attn, tiny_llama, tmp_path):
+@pytest.mark.parametrize("family,attn,use_cache", [("llama", "sdpa", False), ("llama", "eager", False),
+                                                   ("mistral", "sdpa", False), ("qwen2", "sdpa", False),
+                                                   ("llama", "sdpa", True)])
+def test_packed_batch_has_the_padded_loss_and_gradients(family, attn, use_cache, tiny_llama, tmp_path):
+    """use_cache=True: the Trainer leaves the model's cache on (--use_cache True); with a cache transformers
+    ignores packing, so the packed batch turns it off itself."""
     tok = _tokenizer(tiny_llama)
     model0 = _tiny(family, tok, attn)
     data = SupervisedData(*tokenize_records(TINY_RECORDS[:8], tok, 256))
-    loss_pad, g_pad, b_pad = _step(model0, tok, data, _args(tmp_path, False))
-    loss_pk, g_pk, b_pk = _step(model0, tok, data, _args(tmp_path, True))
+    loss_pad, g_pad, b_pad = _step(model0, tok, data, _args(tmp_path, False, use_cache))
+    loss_pk, g_pk, b_pk = _step(model0, tok, data, _args(tmp_path, True, use_cache))
     # the packed batches: one row each, no padding, positions restart per record, same records in order
     lens = [len(x) for x in data.input_ids]
     assert [tuple(b["input_ids"].shape) for b in b_pk] == [(1, sum(lens[:4])), (1, sum(lens[4:]))]
