@@ -161,8 +161,7 @@ def test_dump_pplxs_gives_the_same_dumps_padding_free(tiny_llama, tiny_dataset, 
     def run(tag, *extra):
         argv = ["--model_name_or_path", tiny_llama, "--data_path", tiny_dataset,
                 "--output_dir", str(tmp_path / tag / "out"), "--dump_dir", str(tmp_path / tag / "dumps"),
-                "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
-                "2", "--learning_rate", "1e-2", "--model_max_length", "256", "--seed", "42", "--report_to", "none",
+                "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--model_max_length", "256", "--seed", "42", "--report_to", "none",
                 "--disable_tqdm", "True", "--save_strategy", "no", *extra]
         dump_pplxs.main(argv)
         return [load_pplxs(tmp_path / tag / "dumps" / f"epoch-{e}.pkl") for e in ("pre", 1)]
@@ -171,6 +170,8 @@ def test_dump_pplxs_gives_the_same_dumps_padding_free(tiny_llama, tiny_dataset, 
     pre_b, p1_b = run("packed", "--padding_free")
     assert max(abs(a - b) / b for a, b in zip(pre_a, pre_b)) < 1e-5
     assert p1_a.mean() < 0.9 * pre_a.mean()          # training moved the model ...
+    # ... the same way with and without packing (measured: 1e-6; positions not restarting, i.e. records
+    # attending to each other, give 4e-2)
     rel = max(abs(a - b) / b for a, b in zip(p1_a, p1_b))
-    assert rel < 1e-3, rel                            # ... the same way with and without packing
+    assert rel < 1e-3, rel
     assert not math.isnan(rel)
