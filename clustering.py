@@ -27,6 +27,11 @@ scikit-learn's KMeans, whose default start this is) computed on 8 random points 
 input and seed give the same labels. bench/bench_kmeans.py puts time and inertia next to scikit-learn's
 (>= 10x faster at an inertia within 1% on 52,000 x 384, K = 1000).
 
+Embeddings are cached by content in {output_dir}/embedding-cache (one .npz per model checksum and max
+length, keyed by the sha256 of each text; numpy only, written atomically): a re-run with another K or seed,
+or on a dataset sharing records with an earlier one, embeds only the texts not seen before. Safe to delete;
+--no_embedding_cache ignores it.
+
 Output, in dataset order, the paper's format (so its clustering pickles and ours are interchangeable):
 a pickled list of {"embed_sentence": str, "cluster_num": int}.
 """

@@ -34,6 +34,10 @@ Flags from transformers 4.x that 5.x removed are rewritten with a one-line notic
 and --fp16 are dropped with a warning, --bf16 becomes CPU bfloat16 autocast, and --fsdp is dropped
 ("falling back to plain data parallel": DDP over gloo when launched by torchrun).
 
+--padding_free packs each batch's records into one row (same records, same order, no padding; same loss
+and gradients within float rounding); models that cannot take packed sequences are refused
+(check_padding_free).
+
 dump_pplxs.py (step 2) uses the same front-end: parse_args, load_model_and_tokenizer, build_trainer.
 """
 
