@@ -217,6 +217,8 @@ def embed_with_cache(sentences: list[str], model_path: str, model_sha256: str | 
     reused = sum(1 for d in digests if d in row)
     new_keys, new_emb = [], []
     if todo:
+        print(f"embedding {len(todo)} texts with {model_path} ({reused} records found in the cache; "
+              "this may take a while)")
         model = load_embedder(model_path, max_seq_length, device)
         order = sorted(todo.values(), key=lambda i: -len(sentences[i]))  # longest first, as encode sorts
         for s in range(0, len(order), CACHE_FLUSH_EVERY):
