@@ -175,3 +175,46 @@ def test_dump_pplxs_gives_the_same_dumps_padding_free(tiny_llama, tiny_dataset, 
     rel = max(abs(a - b) / b for a, b in zip(p1_a, p1_b))
     assert rel < 1e-3, rel
     assert not math.isnan(rel)
+
+
+@pytest.mark.slow
+def test_two_processes_same_losses_and_weights_padding_free(tiny_llama, tiny_dataset, tmp_path):
+    """torchrun, 2 CPU processes (DDP over gloo), gradient accumulation 2: the Trainer counts the label tokens
+    across processes (num_items_in_batch); the logged losses and gradient norms (both scale with that count)
+    and the trained weights are those of the padded run."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import ROOT
+
+    def run(tag, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        out = tmp_path / tag
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               "train.py", "--model_name_or_path", tiny_llama, "--data_path", tiny_dataset, "--output_dir", str(out),
+               "--num_train_epochs", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+               "--learning_rate", "1e-3", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
+               "--logging_steps", "1", "--seed", "42", *extra]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+        return logs, load_file(str(out / "model.safetensors"))
+
+    logs_a, w_a = run("padded")
+    logs_b, w_b = run("packed", "--padding_free")
+    assert len(logs_a) == len(logs_b) >= 4   # one log per optimizer step, 2 epochs
+    for a, b in zip(logs_a, logs_b):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    w0 = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    moved = max(float((w_a[k] - w0[k]).abs().max()) for k in w0 if w0[k].shape == w_a[k].shape)
+    diff = max(float((w_a[k] - w_b[k]).abs().max()) for k in w_a)
+    assert diff < 1e-3 * moved, (diff, moved)
