@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import SupervisedData, UserError, load_records, run_cli, tokenize_records  # noqa: E402
+from utils import SupervisedData, run_cli, tokenize_records  # noqa: E402
 
 
 class _Counting:
@@ -131,14 +131,10 @@ def main(args=None):
     import torch
     import transformers
 
-    from bench.bench_pplx import build_model
+    from bench.bench_pplx import build_model, start
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    records = start(args)
     transformers.logging.set_verbosity_error()
-    records = load_records(args.data)[: args.n_records]
     with tempfile.TemporaryDirectory() as tmp:
         model0, tok = build_model(argparse.Namespace(**{**vars(args), "dtype": "fp32", "device": "cpu"}), records, tmp)
     if args.attn_implementation != model0.config._attn_implementation:
