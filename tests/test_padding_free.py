@@ -218,3 +218,14 @@ def test_two_processes_same_losses_and_weights_padding_free(tiny_llama, tiny_dat
     moved = max(float((w_a[k] - w0[k]).abs().max()) for k in w0 if w0[k].shape == w_a[k].shape)
     diff = max(float((w_a[k] - w_b[k]).abs().max()) for k in w_a)
     assert diff < 1e-3 * moved, (diff, moved)
+
+
+def test_bench_train_runs_and_both_ways_train_alike():
+    """bench/bench_train.py on a few sample records: the padded and the packed run see the same batches and log
+    the same per-step losses."""
+    from bench import bench_train
+
+    res = bench_train.main(["--n_records", "16", "--vocab_size", "400", "--hidden_size", "32", "--num_layers", "1",
+                            "--num_heads", "2", "--warmup_steps", "1", "--threads", "1"])
+    assert res["max_rel_loss_diff"] < 1e-5
+    assert 0.05 < res["padding_paper"] < 0.9
