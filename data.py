@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from utils import UserError, atomic_write, file_sha256
+from utils import UserError, atomic_write, file_sha256, folder_sha256
 
 SHAREGPT_KEY = "conversations"  # ShareGPT's list of turns
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -204,16 +204,9 @@ def fingerprint(source: str | os.PathLike) -> str:
     path, split = split_source(source)
     if os.path.isfile(path):
         return file_sha256(path)
-    h = hashlib.sha256()
     if os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                h.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode())
-        if split is not None:
-            h.update(f"split:{split}".encode())
-        return h.hexdigest()
+        return folder_sha256(path) if split is None else hashlib.sha256(f"{folder_sha256(path)}:{split}".encode()).hexdigest()
+    h = hashlib.sha256()
     for r in load(source, allow_chat=True).originals:
         h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
         h.update(b"\n")

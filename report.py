@@ -608,7 +608,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--names", nargs="+", default=None, help="a name per score table (default: its model name)")
     p.add_argument("--output_dir", default="report", help="folder of report.md, report.html and the PNGs (default ./report)")
     p.add_argument("--dataset", default=None,
-                   help="the dataset (JSON list or JSONL, .gz ok): checked against the tables' record hashes; adds the "
+                   help="the dataset (any format the loader reads: JSON, JSONL, Parquet, a saved folder, a hub id): checked against the tables' record hashes; adds the "
                         "lowest and highest scored records of a few clusters as text")
     p.add_argument("--published", default=None, metavar="published.json",
                    help="published subsets (the paper fixture's published.json: {'subsets': {'MODEL/KIND/SPLIT': "

@@ -40,6 +40,10 @@ same command runs on the CPU: --tf32 and --fp16 are dropped with a warning, --bf
 bfloat16 autocast, --fsdp is dropped ("falling back to plain data parallel": DDP over gloo when
 launched by torchrun; --use_cpu is set under torchrun so the processes really train data parallel).
 
+--padding_free packs each batch's records into one row (same records, same order, no padding; same loss
+and gradients within float rounding); models that cannot take packed sequences are refused
+(check_padding_free).
+
 dump_pplxs.py (step 2) uses the same front-end: parse_args, load_model_and_tokenizer, build_trainer.
 """
 
@@ -64,6 +68,8 @@ from utils import (
     add_missing_special_tokens,
     fmt_share,
     make_supervised_data,
+    pack_batch,
+    pad_batch,
     run_cli,
 )
 
@@ -209,6 +215,15 @@ class TrainingArguments(transformers.TrainingArguments):
         default=512,  # tokens; the paper's value (prompt + response, longer sequences are truncated)
         metadata={"help": "Maximum sequence length in tokens (prompt + response); longer records are "
                           "truncated on the right, so a long prompt can leave no response token to train on."},
+    )
+
+    padding_free: bool = field(
+        default=False,  # False: the paper's right-padded batches; same loss and gradients either way
+        metadata={"help": "Pack each batch's records into one row (position ids restart at every record, "
+                          "transformers masks attention block-diagonally, or flash-attention varlen on a GPU): no "
+                          "padding token is computed, the batches hold the same records in the same order and "
+                          "the loss is the same token average. Refused for models that cannot take packed "
+                          "sequences (e.g. OPT, GPT-2). See README for when it is faster."},
     )
 
     def __post_init__(self):
@@ -590,14 +605,63 @@ def save_merged_lora(model_args: ModelArguments, training_args: TrainingArgument
     return out
 
 
+def check_padding_free(model) -> None:
+    """Raise a UserError unless ``model`` gives the same outputs on two records packed into one row
+    (utils.pack_batch) as on the same records right-padded (utils.pad_batch). Decided by running it,
+    not from a list: models whose attention ignores position-id packing, or whose absolute position
+    embeddings do not restart (OPT, GPT-2), fail. One no-grad forward of 12 tokens each way, in eval
+    mode (restored afterwards); a flash-attention model is probed with sdpa (the same position ids
+    drive both), and a model whose weights are not materialised (meta device) is not probed."""
+    import torch
+
+    params = list(model.parameters())
+    if not params or any(p.is_meta for p in params):
+        return
+    device, dtype = params[0].device, params[0].dtype
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    recs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (7, 5)]
+    ids, _, att = pad_batch(recs, recs, 0)
+    flat, _, pos = pack_batch(recs, recs)
+    name = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')})"
+    impl = getattr(model.config, "_attn_implementation", None)
+    probe_impl = "sdpa" if impl and "flash" in impl else impl
+    was_training = model.training
+    model.eval()
+    try:
+        if probe_impl != impl:
+            model.set_attn_implementation(probe_impl)
+        with torch.no_grad():
+            padded = model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False).logits
+            packed = model(input_ids=flat.to(device), position_ids=pos.to(device), use_cache=False).logits
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"--padding_free: {name} cannot take packed sequences ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); drop --padding_free") from None
+    finally:
+        if probe_impl != impl:
+            model.set_attn_implementation(impl)
+        model.train(was_training)
+    ref = torch.cat([padded[i, : len(r)] for i, r in enumerate(recs)]).float()
+    diff = float((packed[0].float() - ref).abs().max())
+    tol = (1e-4 if dtype == torch.float32 else 3e-2) * max(1.0, float(ref.abs().max()))
+    if not diff <= tol:
+        raise UserError(f"--padding_free: {name} computes other outputs for records packed into one row than "
+                        f"for the padded batch (largest logit difference {diff:.3g}): its attention or position "
+                        "embeddings do not follow position-id packing; drop --padding_free")
+
+
 def build_trainer(model, tokenizer, train_data: SupervisedData, training_args: TrainingArguments,
                   callbacks: Sequence = ()) -> transformers.Trainer:
-    """A Trainer over the tokenized records (no eval set), padding with the tokenizer's pad id."""
+    """A Trainer over the tokenized records (no eval set): right-padded batches with the tokenizer's pad
+    id, or with --padding_free each batch packed into one row (after check_padding_free)."""
+    padding_free = getattr(training_args, "padding_free", False)
+    if padding_free:
+        check_padding_free(model)
     return transformers.Trainer(
         model=model,
         args=training_args,
         train_dataset=SupervisedDataset(train_data),
-        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
+        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id, padding_free=padding_free),
         processing_class=tokenizer,
         callbacks=list(callbacks) or None,
     )

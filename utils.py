@@ -123,6 +123,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_DOC_FILES = {"readme.md", ".gitattributes"}  # left out of folder_sha256: not part of a model or dataset
+
+
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """sha256 of a folder's content: of every file's relative path and sha256, in sorted order (hidden
+    files, README.md and .gitattributes aside), so any change of weights, tokenizer, config or data
+    files changes it."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower() in _DOC_FILES:
+                continue
+            path = os.path.join(root, name)
+            h.update(f"{os.path.relpath(path, folder)}\0{file_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 4) -> None:
     """JSON with ``json.dumps`` defaults (ensure_ascii=True), indent 4: the paper's subset format."""
     with atomic_write(path) as f:
@@ -409,15 +427,44 @@ def pad_batch(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]
     return ids, lab, att
 
 
+def pack_batch(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]):
+    """Pack a batch of records into one row, in order, without padding (transformers'
+    DataCollatorWithFlattening): position ids restart at 0 for every record, from which transformers
+    builds a block-diagonal causal mask (sdpa, eager) or variable-length flash-attention calls, and the
+    first label of every record is IGNORE_INDEX, so that no record's last token is trained to predict the
+    next record's first one. A causal LM never predicts position 0 of a padded row either, so the loss
+    over the packed row equals the loss over the padded batch. Returns (input_ids, labels, position_ids)
+    int64 tensors of shape [1, total tokens].
+
+    >>> ids, lab, pos = pack_batch([[5, 6, 7], [8, 9]], [[-100, 6, 7], [8, 9]])
+    >>> ids.tolist(), lab.tolist(), pos.tolist()
+    ([[5, 6, 7, 8, 9]], [[-100, 6, 7, -100, 9]], [[0, 1, 2, 0, 1]])
+    """
+    from transformers import DataCollatorWithFlattening
+
+    flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    b = flat([{"input_ids": x, "labels": y} for x, y in zip(input_ids, labels)], return_tensors="pt")
+    return b["input_ids"], b["labels"], b["position_ids"]
+
+
 @dataclass
 class DataCollatorForSupervisedDataset:
-    """The Trainer's collator: utils.pad_batch over a list of SupervisedDataset items."""
+    """The Trainer's collator over a list of SupervisedDataset items: utils.pad_batch (the paper's
+    right-padded batch), or with ``padding_free`` utils.pack_batch (the same records in the same order,
+    packed into one row). ``use_cache=False`` goes with a packed batch: with a cache (the default of
+    most configs) transformers does not look for packing in the position ids and lets records attend
+    to each other."""
 
     pad_token_id: int
+    padding_free: bool = False
 
     def __call__(self, instances: Sequence[dict]) -> dict:
-        ids, lab, att = pad_batch([x["input_ids"] for x in instances], [x["labels"] for x in instances],
-                                  self.pad_token_id)
+        ids = [x["input_ids"] for x in instances]
+        labels = [x["labels"] for x in instances]
+        if self.padding_free:
+            ids, lab, pos = pack_batch(ids, labels)
+            return {"input_ids": ids, "labels": lab, "position_ids": pos, "use_cache": False}
+        ids, lab, att = pad_batch(ids, labels, self.pad_token_id)
         return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
 

@@ -80,6 +80,17 @@ def build_model(args, records, tmp):
     return model.to(args.device).eval(), tokenizer
 
 
+def start(args) -> list[dict]:
+    """What every benchmark does first: check --device, set --threads, read the first --n_records records."""
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_records(args.data)[: args.n_records]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset (JSON list / JSONL, .gz ok), e.g. the paper's Alpaca")
@@ -110,11 +121,7 @@ def main(args=None):
 
     from dump_pplxs import score_pplxs
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    records = load_records(args.data)[: args.n_records]
+    records = start(args)
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = build_model(args, records, tmp)
     data = SupervisedData(*tokenize_records(records, tok, args.model_max_length))

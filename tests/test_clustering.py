@@ -145,7 +145,7 @@ def test_real_model_end_to_end(tmp_path):
     b = clustering.main(["--dataset", str(ds), "--num_clusters", "2", "--output_name", "t2", "--output_dir", str(out),
                          "--embeddings", str(out / "t-embeddings.npy")])
     assert [r["cluster_num"] for r in a] == [r["cluster_num"] for r in b]
-    assert sorted(os.listdir(out)) == ["t-clustering.pkl", "t-embeddings.npy", "t2-clustering.pkl"]
+    assert sorted(os.listdir(out)) == ["embedding-cache", "t-clustering.pkl", "t-embeddings.npy", "t2-clustering.pkl"]
 
 
 def test_kmeans_plusplus_seeding():

@@ -159,7 +159,7 @@ def test_exact_match_recomputed_from_the_responses(quickstart):
     summary = json.loads(_read(os.path.join(run, "eval", "summary.json")))
     res = {r["name"]: r for r in json.loads(_read(os.path.join(run, "compare.json")))["results"]}
     names = {"untrained": "untrained target", f"{P}_lp1": f"{P}_lp1", f"{P}_lp1_approx": f"{P}_lp1_approx",
-             f"{P}_clust_rand": f"{P}_clust_rand", "full": "full"}
+             f"{P}_clust_rand": f"{P}_clust_rand", f"{P}_lp1_nounlearned": f"{P}_lp1_nounlearned", "full": "full"}
     assert [m["name"] for m in summary["models"]] == list(names)
     for m in summary["models"]:
         with open(m["generations"], encoding="utf-8") as f:

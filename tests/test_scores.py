@@ -366,7 +366,8 @@ def test_noprompt_dumps_at_the_chosen_epochs_of_a_training_run(tiny_opt, tiny_da
     from utils import load_pplxs
 
     dump_pplxs.main(_dump_argv(tiny_opt, tiny_dataset, tmp_path, 2, "--dump_noprompt", "2"))
-    assert listdir_all(str(tmp_path / "dumps")) == ["epoch-1.pkl", "epoch-2.pkl", "epoch-pre.pkl", os.path.join("noprompt", "epoch-2.pkl")]
+    assert listdir_all(str(tmp_path / "dumps")) == ["epoch-1.pkl", "epoch-2.pkl", "epoch-pre.pkl", "manifest.json",
+                                                       os.path.join("noprompt", "epoch-2.pkl")]
     model, tok = load(str(tmp_path / "out"))   # the model after the last epoch (saved at the end)
     ids, _ = scores.tokenize_responses(TINY_RECORDS, tok, 256)
     assert ids[0][0] == tok.bos_token_id   # OPT adds its bos: the first response token is scored given it
