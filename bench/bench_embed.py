@@ -1,7 +1,7 @@
 r"""Benchmark: step 1's embedding (clustering.embed_with_cache) vs plain SentenceTransformer.encode, same records.
 
     # the README's CPU figure: the first 1,000 of the paper's Alpaca records
-    python bench/bench_embed.py --data ../shared/paper/alpaca/data.json.gz
+    python bench/bench_embed.py --data data/alpaca_data.json
     # quick run on the shipped sample data
     python bench/bench_embed.py --n_records 300
 
@@ -58,7 +58,7 @@ def changed_clusters(a, b, k: int) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/sample_train.json",
-                   help="dataset (JSON list / JSONL, .gz ok); e.g. ../shared/paper/alpaca/data.json.gz")
+                   help="dataset (JSON list / JSONL, .gz ok); e.g. data/alpaca_data.json")
     p.add_argument("--n_records", type=int, default=1000, help="the first N records are embedded (1000)")
     p.add_argument("--new_share", type=float, default=0.05,
                    help="share of the records replaced by unseen ones in the last run (0.05)")

@@ -1,7 +1,7 @@
 r"""Benchmark: training with --padding_free vs the paper's padded batches, same records, same model, same steps.
 
     # the README's CPU figure: the paper's Alpaca records, random Llama (hidden 256, 4 layers, BPE vocab 8000)
-    python bench/bench_train.py --data ../shared/paper/alpaca/data.json.gz
+    python bench/bench_train.py --data data/alpaca_data.json
     # quick smoke run on the shipped sample data (short records)
     python bench/bench_train.py --n_records 80 --vocab_size 1000
     # on a GPU: a ~1B random Llama, bf16 autocast, sdpa (then --attn_implementation flash_attention_2)
@@ -95,7 +95,7 @@ def run(model, tok, data, args, padding_free: bool, out_dir: str) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/sample_train.json",
-                   help="dataset (JSON list / JSONL, .gz ok); e.g. ../shared/paper/alpaca/data.json.gz for Alpaca's lengths")
+                   help="dataset (JSON list / JSONL, .gz ok); e.g. data/alpaca_data.json for Alpaca's lengths")
     p.add_argument("--n_records", type=int, default=400, help="the first N records are trained on (400)")
     p.add_argument("--batch_size", type=int, default=4, help="records per batch, both ways (4, the paper's)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step (1)")

@@ -1,6 +1,6 @@
 """The selection report on the paper's 7 released selectors, for Alpaca and Dolly (the README's matrices).
 
-    python examples/paper_report.py ../shared/paper --output_dir runs/paper-report
+    python examples/paper_report.py PAPER_DIR --output_dir runs/paper-report
 
 For each dataset: a clustering pickle from the fixture's clusters.json (records of unknown cluster,
 null, go into one extra cluster numbered K, after the last, as tests/test_paper_data.py does), then
