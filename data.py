@@ -241,12 +241,26 @@ def read_text(path: str) -> str:
 
 
 def _read_json_or_jsonl(path: str, force_jsonl: bool, record_keys) -> tuple[str, list, list[str] | None]:
-    """("json", records, None) for a JSON list, ("jsonl", records, source lines) for JSONL. A file
-    holding one JSON object with none of ``record_keys`` is an error (a wrapper such as {"data": [...]})."""
-    text = read_text(path)
+    """parse_json_or_jsonl of the text of ``path`` (read_text: plain or .gz)."""
+    return parse_json_or_jsonl(read_text(path), path, force_jsonl, record_keys)
+
+
+def parse_json_or_jsonl(text: str, path: str, force_jsonl: bool = False, record_keys=(),
+                        what: str = "the dataset") -> tuple[str, list, list[str] | None]:
+    r"""THE reading of a JSON list or JSONL text (``path`` names it in errors, ``what`` in the empty-file
+    error): ("json", records, None) for a JSON list, ("jsonl", records, source lines) for JSONL (lines
+    split at "\n" only, so U+2028/U+2029/U+0085 inside a string stay in it). A text holding one JSON
+    object with none of ``record_keys`` is an error (a wrapper such as {"data": [...]}). Bad JSON is a
+    one-line UserError.
+
+    >>> parse_json_or_jsonl('{"a": "x\u2028y"}\n{"a": 2}\n', "f.jsonl")[1]
+    [{'a': 'x\u2028y'}, {'a': 2}]
+    >>> parse_json_or_jsonl('[{"a": 1}]', "f.json")
+    ('json', [{'a': 1}], None)
+    """
     stripped = text.lstrip()
     if not stripped:
-        raise UserError(f"{path}: the dataset is empty")
+        raise UserError(f"{path}: {what} is empty")
     if stripped[0] == "[" and not force_jsonl:
         try:
             records = json.loads(text)

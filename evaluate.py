@@ -285,21 +285,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def load_prompts(path: str, prompt_field: str | None = None) -> list[dict]:
-    """Read a prompt set (JSON list or JSONL, optionally .gz). Returns one dict per prompt, file order:
+    """Read a prompt set (JSON list or JSONL, optionally .gz; data.parse_json_or_jsonl). Returns one dict per prompt, file order:
     {"record": the record rendered for the model (Alpaca or chat), "gold": gold answer or None,
     "question": the request as shown to a judge, "id": the record's id/question_id if any}."""
-    text = data.read_text(path)
-    stripped = text.lstrip()
-    if not stripped:
-        raise UserError(f"{path}: the prompt file is empty")
-    try:
-        if stripped[0] == "[":
-            raw = json.loads(text)
-        else:
-            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: neither a JSON list nor JSONL ({e})") from None
-    if not isinstance(raw, list) or not raw:
+    _, raw, _ = data.parse_json_or_jsonl(data.read_text(path), path, what="the prompt file",
+                                         record_keys=("instruction", "messages", prompt_field or "instruction"))
+    if not raw:
         raise UserError(f"{path}: expected a non-empty JSON list of records or JSONL")
     return [_prompt_entry(path, i, r, prompt_field) for i, r in enumerate(raw)]
 
@@ -815,19 +806,12 @@ def _is_responses_file(path: str) -> bool:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(data.read_text(path).splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno} is not valid JSON ({e})") from None
-    return rows
+    """The rows of a JSON list or JSONL file (data.parse_json_or_jsonl; bad JSON is a one-line UserError)."""
+    return data.parse_json_or_jsonl(data.read_text(path), path, record_keys=("response", "index"))[1]
 
 
 def _load_responses(path: str, prompts: list[dict]) -> list[dict]:
-    text = data.read_text(path)
-    rows = json.loads(text) if text.lstrip().startswith("[") else _read_jsonl(path)
+    rows = _read_jsonl(path)
     if len(rows) != len(prompts):
         raise UserError(f"{path}: {len(rows)} responses for {len(prompts)} prompts (one per prompt, prompt order)")
     out = []

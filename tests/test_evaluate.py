@@ -468,7 +468,7 @@ def test_bad_inputs(tmp_path, tiny_llama, capsys):
          "1 responses for 3 prompts"),
         (["--prompts", good, "--models", str(tmp_path / "nope")], "no such folder"),
         (model + ["--prompts", str(tmp_path / "absent.json")], "no such file"),
-        (model + ["--prompts", str(tmp_path / "bad.json")], "neither a JSON list nor JSONL"),
+        (model + ["--prompts", str(tmp_path / "bad.json")], "not valid JSON"),
         (model + ["--prompts", good, "--judge_template", _write(tmp_path / "t.txt", "no placeholders"),
                   "--pairwise", "tiny-llama", "b", "--judge", "openai:m", "--models", tiny_llama,
                   _write(tmp_path / "b.jsonl", [{"response": "x"}] * 3, jsonl=True)], "no placeholder"),
@@ -515,3 +515,42 @@ def test_help_explains_every_flag():
     text = parser.format_help()
     for flag in ("--pairwise", "--judge_base_url", "--metric", "--max_new_tokens", "--aggregation"):
         assert flag in text
+
+
+# ----------------------------------------------------------------------------------------
+# One JSON/JSONL reader (data.parse_json_or_jsonl): U+2028 inside strings, malformed files
+
+
+def test_line_separator_in_prompt_and_cached_response(tiny_llama, tmp_path, capsys):
+    # U+2028 (and U+2029, U+0085) are line breaks for str.splitlines() but plain characters in JSON strings
+    recs = [{"instruction": "Say hi\u2028twice.", "input": "", "output": "hi\u2029hi"},
+            {"instruction": "Name a colour\u0085please.", "input": "", "output": "red"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    prompts = evaluate.load_prompts(str(path))
+    assert [p["record"]["instruction"] for p in prompts] == [r["instruction"] for r in recs]
+    out = str(tmp_path / "eval")
+    args = ["--models", tiny_llama, "--prompts", str(path), "--max_new_tokens", "2", "--output_dir", out,
+            "--no_progress", "--metric", "exact_match"]
+    gen_file = evaluate.main(args)["models"][0]["generations"]
+    # the cache is written with ensure_ascii=False: a response holding U+2028 must read back, not regenerate
+    rows = _rows(gen_file)
+    rows[0]["response"] = "hi\u2029hi"
+    with open(gen_file, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert "\u2029" in _text(gen_file)
+    capsys.readouterr()
+    res = evaluate.main(args)
+    log = capsys.readouterr().out
+    assert f"generations reused: {gen_file}" in log and "loading" not in log
+    assert res["models"][0]["metrics"]["exact_match"]["correct"] == 1
+    assert _rows(gen_file)[0]["response"] == "hi\u2029hi"
+
+
+def test_malformed_responses_file_is_one_line_error(tmp_path, capsys):
+    prompts = _write(tmp_path / "p.json", TINY_RECORDS[:2])
+    (tmp_path / "r.json").write_text('[{"response": "a"}, {"response": ')
+    rc = run_cli(evaluate.main, ["--models", str(tmp_path / "r.json"), "--prompts", prompts,
+                                 "--output_dir", str(tmp_path / "e"), "--no_progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and "not valid JSON" in err, err
