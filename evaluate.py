@@ -76,6 +76,7 @@ from types import SimpleNamespace
 import numpy as np
 
 import data
+from rendering import BOUNDARIES, RenderOptions
 from utils import (
     IGNORE_INDEX,
     UserError,
@@ -341,7 +342,7 @@ def prompt_ids(record: dict, tokenizer, options=None) -> list[int]:
     """THE rendering of a record's prompt for generation: the token ids that training puts before the
     (last) response, so the model continues exactly where it learned to answer (rendering.render_prompt,
     the routine train.py and dump_pplxs.py render with; ``options``: a rendering.RenderOptions, i.e.
-    --chat_template / --alpaca_as_chat as given to train.py). Every other part of evaluate.py goes
+    --chat_template / --alpaca_as_chat / --response_boundary as given to train.py). Every other part of evaluate.py goes
     through this function. A chat record without a final assistant turn gets the generation prompt."""
     from rendering import RenderOptions, render_prompt
 
@@ -719,6 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chat_template", choices=["auto", "tokenizer", "builtin"], default="auto",
                    help="chat records: the tokenizer's chat template when it has one (auto), required (tokenizer), or "
                         "the built-in '### Role:' template (builtin); as train.py's --chat_template")
+    r.add_argument("--response_boundary", choices=BOUNDARIES, default=RenderOptions.response_boundary,
+                   help="where the scored gold response starts in the tokens (gold perplexity): as train.py's "
+                        "--response_boundary (auto: exact for byte-level BPE tokenizers that join punctuation with the "
+                        "next word, e.g. Llama-3, Qwen2; the paper's way otherwise)")
     r.add_argument("--alpaca_as_chat", action="store_true",
                    help="render Alpaca prompts as a one-turn conversation with the chat template (as train.py's "
                         "--alpaca_as_chat True); default: the paper's Alpaca prompt")
@@ -868,9 +873,8 @@ class ModelRunner:
 
 def render_options(args):
     """The rendering flags (as given to train.py) as a rendering.RenderOptions."""
-    from rendering import RenderOptions
-
-    return RenderOptions(chat_template=args.chat_template, alpaca_as_chat=args.alpaca_as_chat)
+    return RenderOptions(response_boundary=args.response_boundary, chat_template=args.chat_template,
+                         alpaca_as_chat=args.alpaca_as_chat)
 
 
 def generations_for(args, name: str, path: str, prompts: list[dict], prompt_hash: str, runner: ModelRunner):

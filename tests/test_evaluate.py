@@ -554,3 +554,30 @@ def test_malformed_responses_file_is_one_line_error(tmp_path, capsys):
                                  "--output_dir", str(tmp_path / "e"), "--no_progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and "not valid JSON" in err, err
+
+
+@pytest.mark.slow
+def test_response_boundary_reaches_gold_perplexity(tmp_path):
+    """A Llama-3-like tokenizer joins ':' with the response's first word: 'paper' and 'exact' score other
+    tokens. evaluate.py's --response_boundary must give each one's training tokens (was: always 'auto')."""
+    import torch
+    from rendering import RenderOptions, tokenize_records
+    from tests._families import make_family
+
+    path = make_family("llama3", str(tmp_path / "m"))
+    prompts = _write(tmp_path / "p.json", [dict(r) for r in TINY_RECORDS[:6]])
+    model, tok = evaluate.load_model(path, 128, "cpu", torch.float32)
+    got = {}
+    for b in ("paper", "exact"):
+        res = evaluate.main(["--models", path, "--prompts", prompts, "--metric", "perplexity", "--model_max_length",
+                             "128", "--max_new_tokens", "1", "--output_dir", str(tmp_path / b), "--no_progress",
+                             "--response_boundary", b])
+        got[b] = res["models"][0]["metrics"]["perplexity"]
+        ids, labels = tokenize_records([dict(r) for r in TINY_RECORDS[:6]], tok, 128, RenderOptions(b))
+        ref = []
+        for x, lab in zip(ids, labels):  # one record at a time, HF's own loss
+            with torch.no_grad():
+                ref.append(float(torch.exp(model(input_ids=torch.tensor([x]), labels=torch.tensor([lab])).loss)))
+        np.testing.assert_allclose(got[b]["per_prompt"], ref, rtol=1e-5)
+        assert got[b]["per_prompt_tokens"] == [sum(t != IGNORE_INDEX for t in lab[1:]) for lab in labels]
+    assert got["paper"]["per_prompt_tokens"] != got["exact"]["per_prompt_tokens"]
