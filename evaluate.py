@@ -360,7 +360,7 @@ def model_identity(path: str) -> str:
     """A hash of a model folder's content: every top-level file's name and size; files up to 64 MiB
     (config, tokenizer, small weights) hashed whole, larger ones by 1 MiB at their start, middle and
     end (retrained weights differ everywhere; this keeps a 70B folder's identity to a second).
-    A hub id (no such folder) is identified by its name."""
+    A hub id (no such folder) is identified by its name; a LoRA adapter folder also by its base model."""
     if not os.path.isdir(path):
         return sha256_text("hub", path)
     h = hashlib.sha256()
@@ -378,6 +378,13 @@ def model_identity(path: str) -> str:
                 for offset in (0, size // 2, size - _SAMPLE):
                     f.seek(offset)
                     h.update(f.read(_SAMPLE))
+    from train import is_adapter_folder
+
+    if is_adapter_folder(path):  # a LoRA adapter: the base model it applies to is part of the model
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+        if base and os.path.normpath(base) != os.path.normpath(path):
+            h.update(model_identity(base).encode())
     return h.hexdigest()
 
 
@@ -415,12 +422,15 @@ def load_tokenizer(path: str, model_max_length: int):
 
 def load_model(path: str, model_max_length: int, device: str, dtype):
     """train.py's loading (float32, the paper's [PAD] with mean-initialised rows when the tokenizer
-    has none), then moved to ``device`` and ``dtype``, eval mode. Returns (model, tokenizer)."""
-    from train import ModelArguments, load_model_and_tokenizer
+    has none; a train.py --lora_r folder: its base model with the adapter, train.load_adapted), then moved to ``device`` and ``dtype``, eval mode. Returns (model, tokenizer)."""
+    from train import ModelArguments, is_adapter_folder, load_adapted, load_model_and_tokenizer
 
+    targs = SimpleNamespace(cache_dir=None, model_max_length=model_max_length)
     try:
-        model, tokenizer = load_model_and_tokenizer(
-            ModelArguments(model_name_or_path=path), SimpleNamespace(cache_dir=None, model_max_length=model_max_length))
+        if os.path.isdir(path) and is_adapter_folder(path):  # train.py --lora_r: base model + adapter
+            model, tokenizer = load_adapted(path, targs)
+        else:
+            model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=path), targs)
     except UserError as e:
         raise UserError(f"--models {path}: cannot load the model: {_train_error_detail(e, path)}") from None
     except Exception as e:  # noqa: BLE001 - a config transformers cannot build, a corrupt weight file, ...

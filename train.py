@@ -588,16 +588,41 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Training
     return model, tokenizer
 
 
-def save_merged_lora(model_args: ModelArguments, training_args: TrainingArguments) -> str:
-    """--merge_lora: reload the base model as training started from it, apply the adapter saved in
-    --output_dir, merge it into the weights and save a plain model (+ tokenizer) to {output_dir}/merged.
-    Reloading works whatever wrapped the trained model (DDP, FSDP, DeepSpeed). Returns the folder."""
+def is_adapter_folder(path: str) -> bool:
+    """A folder written by train.py --lora_r: the adapter (adapter_config.json), not a whole model."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def load_adapted(adapter_dir: str, training_args, base: str | None = None,
+                 pad_embeddings_to_multiple_of: int = 1):
+    """A train.py --lora_r output folder as a model: the base model loaded as training loaded it
+    (load_model_and_tokenizer: the same added [PAD] and resized embeddings, which peft saved with the
+    adapter) with the adapter applied (peft.PeftModel). ``base``: the base model (default: the
+    adapter_config.json's base_model_name_or_path); ``training_args`` needs cache_dir and
+    model_max_length. Returns (model, tokenizer)."""
     from peft import PeftModel
 
+    if base is None:
+        try:
+            with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
+                base = json.load(f).get("base_model_name_or_path")
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model_name_or_path {adapter_dir}: unreadable adapter_config.json ({e})") from None
+        if not base:
+            raise UserError(f"--model_name_or_path {adapter_dir}: adapter_config.json names no "
+                            "base_model_name_or_path")
+    model, tokenizer = load_model_and_tokenizer(ModelArguments(base, pad_embeddings_to_multiple_of), training_args)
+    return PeftModel.from_pretrained(model, adapter_dir), tokenizer
+
+
+def save_merged_lora(model_args: ModelArguments, training_args: TrainingArguments) -> str:
+    """--merge_lora: reload the base model as training started from it, apply the adapter saved in
+    --output_dir (load_adapted), merge it into the weights and save a plain model (+ tokenizer) to
+    {output_dir}/merged. Reloading works whatever wrapped the trained model (DDP, FSDP, DeepSpeed).
+    Returns the folder."""
     out = os.path.join(training_args.output_dir, "merged")
-    base, tokenizer = load_model_and_tokenizer(
-        ModelArguments(model_args.model_name_or_path, model_args.pad_embeddings_to_multiple_of), training_args)
-    model = PeftModel.from_pretrained(base, training_args.output_dir)
+    model, tokenizer = load_adapted(training_args.output_dir, training_args, model_args.model_name_or_path,
+                                    model_args.pad_embeddings_to_multiple_of)
     model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -117,3 +117,29 @@ def test_unknown_lora_target_module_is_a_user_error(qwen2, tmp_path):
     model, _ = train.load_model_and_tokenizer(margs, targs)
     names = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"q_proj", "v_proj"}
+
+
+@pytest.mark.slow
+def test_evaluate_loads_a_lora_output_folder(tiny_llama, tmp_path):
+    """tiny Llama has no pad token: training adds [PAD] and peft saves the resized embed_tokens/lm_head with
+    the adapter, which AutoModelForCausalLM.from_pretrained(adapter folder) cannot load. evaluate.py loads
+    base + adapter (train.load_adapted) and answers as the merged model does."""
+    import evaluate
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(TINY_RECORDS[:6], indent=4))
+    train.main(_argv(tiny_llama, str(data), tmp_path, "--merge_lora", "True"))
+    out = tmp_path / "out"
+    assert "adapter_config.json" in os.listdir(out)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(TINY_RECORDS[6:10]))
+    res = evaluate.main(["--models", str(out), str(out / "merged"), "--names", "adapter", "merged", "--prompts",
+                         str(prompts), "--max_new_tokens", "5", "--output_dir", str(tmp_path / "eval"),
+                         "--no_progress"])
+    rows = {}
+    for m in res["models"]:
+        with open(m["generations"], encoding="utf-8") as f:
+            rows[m["name"]] = [json.loads(line) for line in f]
+    assert [r["new_tokens"] for r in rows["adapter"]] == [r["new_tokens"] for r in rows["merged"]]
+    assert sum(r["new_tokens"] for r in rows["adapter"]) > 0  # it generated
+    assert [r["response"] for r in rows["adapter"]] == [r["response"] for r in rows["merged"]]
