@@ -46,9 +46,11 @@ clust_rand files were made); (b) makes one draw per cluster, like the paper's la
 
 One mechanism for every kind: --lp1, --lp1_approx and --metric NAME [--order low|high] all sort each
 cluster by their metric (descending for --order high, files "{p}_highest_NAME-...") and keep a chunk by
-the rule below; --metric lp1 --order low writes byte-identical files to --lp1. Two dumps (--epoch0,
---epoch1, or a two-dump table) are the one-epoch selector: --lp1_approx, and --clust_rand draws from the
-clusters sorted by LP(1)-approx.
+the rule below; --metric lp1 --order low writes byte-identical files to --lp1. (b) computes its signals
+as the score table does (scores.build_score_table): LP(1) = (P0-P1)/(P0-Pn) with Pn the last dump given
+(P3 with all four: the paper's), so (b) and (c) select the same records from the same dumps. Two dumps
+(--epoch0, --epoch1, or a two-dump table) are the one-epoch selector: --lp1_approx, and --clust_rand
+draws from the clusters sorted by LP(1)-approx (a one-dump table has neither: --clust_rand is refused).
 
 Beyond the paper (defaults stay faithful):
   --exact               the paper's rule keeps ceil(n/k) >= 1 records per cluster, so its "1%" of Alpaca
@@ -361,16 +363,20 @@ def read_ranking_csv(path: str, n_records: int, dataset: str) -> Ranking:
 
 
 def ranking_from_dumps(args, n_records: int) -> Ranking:
+    """The dumps interface: the signals of the score table built from the dumps given
+    (scores.build_score_table, the one place they are computed; Pn = the last dump given), so the
+    dumps and --scores select the same records. Truncation is known only from all four dumps."""
     from process_pickle import EPOCHS, load_inputs
+    from scores import build_score_table, score_columns
 
     epochs = {e: getattr(args, e) for e in EPOCHS}
-    _, pp, cluster = load_inputs(args.dataset, epochs, args.clustering, data.Fields.from_args(args))
-    metrics = {"lp1_approx": lp1_approx(pp["epoch0"], pp["epoch1"])}
-    if "epoch3" in pp:
-        metrics["lp1"] = lp1(pp["epoch0"], pp["epoch1"], pp["epoch3"])
-    trunc = truncated_mask([pp[e] for e in EPOCHS]) if len(pp) == 4 else None
-    last = pp["epoch3"] if "epoch3" in pp else pp["epoch1"]  # Pn: the last dump given
-    return Ranking(cluster, metrics, trunc, args.model_name, unlearned_mask(pp["epoch0"], last, cluster, truncated=trunc))
+    records, pp, cluster = load_inputs(args.dataset, epochs, args.clustering, data.Fields.from_args(args))
+    dumps = [pp[e] for e in EPOCHS if e in pp]
+    df = build_score_table(records, cluster, dumps)
+    metrics = {c: df[c].to_numpy(dtype=np.float64) for c in score_columns(df)}
+    trunc = df["truncated"].to_numpy(dtype=bool) if len(dumps) == len(EPOCHS) else None
+    return Ranking(np.asarray(cluster, dtype=np.int64), metrics, trunc, args.model_name,
+                   df["unlearned"].to_numpy(dtype=bool))
 
 
 # ----------------------------------------------------------------------------------------
@@ -452,6 +458,8 @@ def make_splits(args, ranking: Ranking, every_split: bool) -> list[Split]:
         else:
             splits.append(Split(kind, args.percentage, args.part, order))
     if args.clust_rand:
+        if not {"lp1", "lp1_approx"} & ranking.metrics.keys():
+            raise UserError("--clust_rand draws from clusters sorted by LP(1) or LP(1)-approx: needs at least two dumps")
         splits += [Split("clust_rand", p) for p in SPLITS] if every_split else [Split("clust_rand", args.percentage)]
     return splits
 
@@ -465,9 +473,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--clustering", help="clustering pickle from clustering.py")
     b.add_argument("--epoch0", help="perplexities before training (P0), e.g. dump-pplxs/epoch-pre.pkl")
     b.add_argument("--epoch1", help="perplexities after epoch 1 (P1)")
-    b.add_argument("--epoch2", help="perplexities after epoch 2 (P2); optional, used to spot fully truncated records")
-    b.add_argument("--epoch3", help="perplexities after epoch 3 (P3); needed for --lp1 (without it: the one-epoch "
+    b.add_argument("--epoch2", help="perplexities after epoch 2 (P2); needed for --lp1 (without it: the one-epoch "
                    "selector, --lp1_approx; --clust_rand then draws from clusters sorted by LP(1)-approx)")
+    b.add_argument("--epoch3", help="perplexities after epoch 3 (P3; the paper's Pn); with all four dumps fully "
+                   "truncated records are spotted. LP(1) = (P0-P1)/(P0-Pn), Pn the last dump given, as in the score table")
     b.add_argument("--percentage", type=float,
                    help="p in (0, 100]: keep chunk --part of k = round(100/p) per cluster (0.5 -> k = 200; --exact: p%% of the data)")
     b.add_argument("--part", choices=tuple(PARTS), default="low",
@@ -483,7 +492,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="baseline: per cluster, a random sample of the same size (random seeded 42)")
     k.add_argument("--metric", metavar="NAME",
                    help="subsets by any score column (--scores: p0, lp2, lp1_approx, ifd, len_response, ...; the CSV and "
-                        "dumps give lp1 and lp1_approx) with the same per-cluster rule; --metric lp1 is --lp1")
+                        "dumps give the same columns of their dumps; the CSV gives lp1 and lp1_approx) with the same per-cluster "
+                        "rule; --metric lp1 is --lp1")
     k.add_argument("--order", choices=("low", "high"), default="low",
                    help="--metric only: keep the lowest (default, files '{p}_low_NAME') or the highest scored "
                         "members of each cluster (files '{p}_highest_NAME')")
@@ -516,8 +526,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                "--l1_ranking_file (interface a) writes every split")
     else:
         missing = [f"--{n}" for n in ("clustering", "epoch0", "epoch1", "percentage") if getattr(args, n) is None]
-        if (args.lp1 or args.metric == "lp1") and args.epoch3 is None:
-            missing.append("--epoch3")
+        if (args.lp1 or args.metric == "lp1") and args.epoch2 is None:
+            missing.append("--epoch2 (LP(1) = (P0-P1)/(P0-Pn), Pn the last dump given)")
         if missing:
             p.error(f"give --l1_ranking_file (interface a), --scores (c), or {', '.join(missing)} (interface b)")
     if args.percentage is not None:

@@ -466,3 +466,60 @@ def test_kill_9_while_writing_leaves_only_a_hidden_folder(tmp_path):
     top = os.listdir(out)
     assert len(top) == 1 and top[0].startswith(".subset-") and top[0].endswith(".tmp"), top
     assert len(os.listdir(out / top[0])) == 10   # 9 finished files + the partial 10th, all hidden in the folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The dumps interface and the score table compute the same signals (scores.build_score_table)
+
+
+def _score_table(ws, path, n_dumps):
+    import scores
+
+    recs = data.load(ws["paths"]["dataset"]).views
+    df = scores.build_score_table(recs, ws["labels"], [np.asarray(p) for p in ws["p"][:n_dumps]])
+    scores.write_score_table(path, df, scores.table_meta(df, "m"))
+    return path
+
+
+def test_interface_b_with_three_dumps_equals_the_score_table(tmp_path):
+    """--epoch2 without --epoch3: Pn is P2 for LP(1), clust_rand's sorting and the unlearned flags, as in
+    the score table (was: no LP(1), clust_rand by LP(1)-approx, unlearned from P1)."""
+    ws = make_workspace(str(tmp_path / "in"), n=200, k=5)
+    pth = ws["paths"]
+    table = _score_table(ws, str(tmp_path / "m-scores.parquet"), 3)
+    three = ["--dataset", pth["dataset"], "--clustering", pth["clustering"], "--epoch0", pth["epoch0"],
+             "--epoch1", pth["epoch1"], "--epoch2", pth["epoch2"]]
+    for i, kinds in enumerate((["--lp1_approx", "--clust_rand"], ["--lp1"])):
+        kinds = kinds + ["--percentage", "10", "--model_name", "m", "--exclude_unlearned"]
+        res_b = subset.main(three + kinds + ["--output_dir", str(tmp_path / f"b{i}")])
+        subset.main(["--dataset", pth["dataset"], "--scores", table, *kinds, "--output_dir", str(tmp_path / f"c{i}")])
+        names = sorted(os.listdir(tmp_path / f"b{i}"))
+        assert names == sorted(os.listdir(tmp_path / f"c{i}")) and len(names) == 2 - i
+        for name in names:
+            assert read_text(tmp_path / f"b{i}" / name) == read_text(tmp_path / f"c{i}" / name), name
+        if i == 0:
+            res_rand = res_b
+    # LP(1) from P2, by hand
+    import scores
+
+    trunc = (ws["p"][0] == 1.0) & (ws["p"][1] == 1.0) & (ws["p"][2] == 1.0)
+    unlearned = scores.unlearned_mask(ws["p"][0], ws["p"][2], ws["labels"], truncated=trunc)
+    l1 = np.array(ref_lp1(ws["p"][0], ws["p"][1], ws["p"][2]))
+    got = res_b[str(tmp_path / "b1" / "10_low_lp1-m-nounlearned.json")].tolist()
+    assert got == ref_split(ws["labels"], l1, 10, "low", eligible=~unlearned)
+    # clust_rand draws from the clusters sorted by that LP(1), not by LP(1)-approx
+    want = ref_clust_rand(ws["labels"], l1, [10], eligible=~unlearned)[10]
+    assert res_rand[str(tmp_path / "b0" / "10_clust_rand-m-nounlearned.json")].tolist() == want
+
+
+def test_clust_rand_on_a_one_dump_table_is_a_user_error(tmp_path, capsys):
+    from utils import run_cli
+
+    ws = make_workspace(str(tmp_path / "in"), n=60, k=3)
+    table = _score_table(ws, str(tmp_path / "p0.parquet"), 1)
+    rc = run_cli(subset.main, ["--dataset", ws["paths"]["dataset"], "--scores", table, "--metric", "p0",
+                               "--clust_rand", "--percentage", "10", "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert "--clust_rand draws from clusters sorted by LP(1) or LP(1)-approx: needs at least two dumps" in err
+    assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")
