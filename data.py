@@ -95,9 +95,10 @@ DATASET_HELP = ("JSON list (the paper's), JSONL, Parquet, .gz of JSON/JSONL, a d
                 "or a hub dataset id; ':SPLIT' picks a split (e.g. databricks/databricks-dolly-15k:train)")
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, dataset_help: str) -> None:
-    """--dataset and the column-mapping flags, shared by clustering.py, process_pickle.py and subset.py."""
-    parser.add_argument("--dataset", required=True, help=f"{dataset_help}: {DATASET_HELP}")
+def add_data_arguments(parser: argparse.ArgumentParser, dataset_help: str, required: bool = True) -> None:
+    """--dataset and the column-mapping flags, shared by clustering.py, process_pickle.py, subset.py and
+    report.py (where --dataset is optional: ``required`` False, default None)."""
+    parser.add_argument("--dataset", required=required, default=None, help=f"{dataset_help}: {DATASET_HELP}")
     g = parser.add_argument_group("dataset columns (other names than the Alpaca / chat ones)")
     for name, text in FIELD_HELP.items():
         g.add_argument(f"--{name}_field", default=None, metavar="NAME", help=text)

@@ -22,7 +22,9 @@ Within clusters = the mean over clusters of >= --min_cluster_size (3) members of
 coefficient; a cluster where one selector's scores are all equal (coefficient undefined) is left out
 of that pair's mean; clusters numbered --unknown_cluster are left out (records of unknown cluster,
 e.g. the paper's null labels put into one extra cluster), as they are from cluster coverage.
-With --dataset: the lowest and highest scored records of a few clusters, as text.
+With --dataset (any format of data.py; --instruction_field, --input_field, --output_field and
+--messages_field map other column names, as in process_pickle.py): the lowest and highest scored
+records of a few clusters, as text.
 With --published (the paper fixture's published.json): each published lp1 / lp1_approx / clust_rand
 subset against the one regenerated from the table (subset.py's selection), as Jaccard.
 """
@@ -39,6 +41,7 @@ import time
 
 import numpy as np
 
+import data
 from utils import UserError, atomic_write, check_lengths, load_records, run_cli
 
 DEFAULT_BUDGETS = (1.0, 5.0, 10.0, 33.0)
@@ -607,9 +610,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score tables from process_pickle.py, one per selector, all for the same dataset")
     p.add_argument("--names", nargs="+", default=None, help="a name per score table (default: its model name)")
     p.add_argument("--output_dir", default="report", help="folder of report.md, report.html and the PNGs (default ./report)")
-    p.add_argument("--dataset", default=None,
-                   help="the dataset (any format the loader reads: JSON, JSONL, Parquet, a saved folder, a hub id): checked against the tables' record hashes; adds the "
-                        "lowest and highest scored records of a few clusters as text")
+    data.add_data_arguments(p, "the dataset (optional): checked against the tables' record hashes; adds the lowest and "
+                               "highest scored records of a few clusters as text", required=False)
     p.add_argument("--published", default=None, metavar="published.json",
                    help="published subsets (the paper fixture's published.json: {'subsets': {'MODEL/KIND/SPLIT': "
                         "{'indices': [...]}}}) to compare with the regenerated ones; MODEL must be a selector's name")
@@ -628,6 +630,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the figures (default); --no-figures writes the tables and text only (faster)")
     args = p.parse_args(argv)
+    given = [f"--{n}_field" for n in data.FIELD_HELP if getattr(args, f"{n}_field") is not None]
+    if given and not args.dataset:
+        p.error(f"{', '.join(given)} name(s) columns of --dataset; give --dataset")
     if args.names is not None and len(args.names) != len(args.scores):
         p.error(f"--names gives {len(args.names)} names for {len(args.scores)} score tables")
     if any(not 0 < b <= 100 for b in args.budgets):
@@ -646,7 +651,7 @@ def main(args) -> dict:
     t0 = time.perf_counter()
     if args.figures:
         _plt()
-    records = load_records(args.dataset, allow_chat=True) if args.dataset else None
+    records = load_records(args.dataset, allow_chat=True, fields=data.Fields.from_args(args)) if args.dataset else None
     sels = load_selectors(args.scores, args.names, records)
     doc, numbers = build_report(sels, args, records)
     paths = write_outputs(doc, args.output_dir, f"Selection report ({len(sels)} selectors)")

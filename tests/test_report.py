@@ -4,7 +4,6 @@ bad input, and a few entries of the paper-data matrices (when ../shared/paper ex
 
 import json
 import os
-import pickle
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,7 @@ from scipy import stats
 
 import report
 import scores
-from utils import UserError
+from utils import UserError, load_pplxs, run_cli
 
 N_SEL = 3
 
@@ -181,6 +180,29 @@ def test_a_two_dump_table_is_reported_without_lp1(tmp_path):
         stats.spearmanr(df["lp1_approx"], pd.read_parquet(paths[0])["lp1_approx"]).statistic, abs=1e-12)
 
 
+def test_dataset_with_other_column_names(tmp_path, capsys):
+    """A Dolly-style local JSON (instruction, context, response): the column flags of the other step-3 scripts
+    (data.add_data_arguments) map it; the report equals the one from the same records in Alpaca columns."""
+    paths, x, labels, records, alpaca = _case(tmp_path, n=60)
+    dolly = tmp_path / "dolly.json"
+    dolly.write_text(json.dumps([{"instruction": r["instruction"], "context": r["input"], "response": r["output"]}
+                                 for r in records]))
+    common = ["--scores", paths[0], "--no-figures", "--example_clusters", "2"]
+    report.main(common + ["--dataset", alpaca, "--output_dir", str(tmp_path / "a")])
+    report.main(common + ["--dataset", str(dolly), "--input_field", "context", "--output_field", "response",
+                          "--output_dir", str(tmp_path / "d")])
+    want = (tmp_path / "a" / "report.md").read_text()
+    assert want.count("Task ") == 8   # 2 clusters x (2 lowest + 2 highest) records shown as text
+    assert (tmp_path / "d" / "report.md").read_text() == want
+    capsys.readouterr()
+    rc = run_cli(report.main, common + ["--dataset", str(dolly), "--output_dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "--output_field" in err, err
+    with pytest.raises(SystemExit) as e:
+        report.parse_args(common + ["--output_field", "response"])   # a column of no dataset
+    assert e.value.code == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # The paper's data
 
@@ -196,8 +218,7 @@ def test_paper_matrix_entries(paper_dir):
     for m in models:
         p = []
         for e in ("pre", "1", "2", "3"):
-            with open(os.path.join(paper_dir, "dolly", "dump-pplxs", m, f"epoch-{e}.pkl"), "rb") as f:
-                p.append(np.array(pickle.load(f), dtype=np.float64))
+            p.append(load_pplxs(os.path.join(paper_dir, "dolly", "dump-pplxs", m, f"epoch-{e}.pkl")))
         x.append(np.where(p[0] != p[3], (p[0] - p[1]) / np.where(p[0] != p[3], p[0] - p[3], 1.0), 0.0))
     x = np.stack(x, axis=1)
     sp = report.spearman_matrix(x)
