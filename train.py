@@ -636,11 +636,14 @@ def check_padding_free(model) -> None:
     not from a list: models whose attention ignores position-id packing, or whose absolute position
     embeddings do not restart (OPT, GPT-2), fail. One no-grad forward of 12 tokens each way, in eval
     mode (restored afterwards); a flash-attention model is probed with sdpa (the same position ids
-    drive both), and a model whose weights are not materialised (meta device) is not probed."""
+    drive both), and a model whose weights are not materialised is not probed: on the meta device, or
+    partitioned by DeepSpeed ZeRO-3 (each rank holds a slice, the local tensors are empty; decided by
+    transformers' is_deepspeed_zero3_enabled, as utils.embedding_gather)."""
     import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     params = list(model.parameters())
-    if not params or any(p.is_meta for p in params):
+    if not params or any(p.is_meta for p in params) or is_deepspeed_zero3_enabled():
         return
     device, dtype = params[0].device, params[0].dtype
     vocab = model.get_input_embeddings().num_embeddings

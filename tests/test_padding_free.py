@@ -229,3 +229,18 @@ def test_bench_train_runs_and_both_ways_train_alike():
                             "--num_heads", "2", "--warmup_steps", "1", "--threads", "1"])
     assert res["max_rel_loss_diff"] < 1e-5
     assert 0.05 < res["padding_paper"] < 0.9
+
+
+def test_probe_is_skipped_under_deepspeed_zero3(tiny_llama, monkeypatch):
+    """ZeRO-3 partitions the parameters: each rank's local tensors are empty (size 0, not meta). The probe
+    cannot run on them and must not refuse the model; it is skipped as utils.embedding_gather decides."""
+    import transformers.integrations
+
+    model = _tiny("llama", _tokenizer(tiny_llama))
+    for p in model.parameters():
+        p.data = torch.empty(0, dtype=p.dtype)   # what a ZeRO-3 rank holds outside GatheredParameters
+    assert not any(p.is_meta for p in model.parameters())
+    with pytest.raises(UserError, match="--padding_free"):   # ZeRO-3 off: empty weights cannot run the probe
+        train.check_padding_free(model)
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    train.check_padding_free(model)   # no error, nothing run
