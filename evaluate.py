@@ -17,7 +17,10 @@ perplexity of the gold responses.
 Prompts: a JSON list or JSONL (.gz read too) of Alpaca records (instruction, optional input, optional
 output = the gold answer), chat records {"messages": [...]} (a final assistant turn is the gold answer,
 the rest is the prompt), or records whose prompt is in another field (--prompt_field, e.g. Vicuna's
-"text", Koala's "prompt"). Each prompt is rendered exactly as train.py trained the model (prompt_ids).
+"text", Koala's "prompt"); read by data.parse_json_or_jsonl, as train.py reads JSON. Each prompt is
+rendered exactly as train.py trained the model (prompt_ids; give --chat_template, --alpaca_as_chat and
+--response_boundary as train.py was given them). A model folder written by train.py --lora_r (the
+adapter alone) is loaded as its base model plus the adapter (train.load_adapted).
 
 Generation: greedy by default (--temperature 0), length-sorted batches (--batch_size), left padding,
 stopped at eos or --max_new_tokens. Every model's responses are cached in
@@ -45,7 +48,7 @@ FILE replaces it (placeholders {question}, {answer_1}, {answer_2}).
 Metrics (--metric): exact_match (response == gold after stripping surrounding white space),
 exact_match_norm (lower case, punctuation, articles and extra white space removed), with a bootstrap 95%
 interval; perplexity: the perplexity of the gold responses, scored exactly as dump_pplxs.py scores
-training records (same tokenization, dump_pplxs.score_pplxs) with the textbook mean (denominator "mean"),
+training records (same tokenization and --response_boundary, dump_pplxs.score_pplxs) with the textbook mean (denominator "mean"),
 as one token-level figure for the set: exp(sum_i n_i ln P_i / sum_i n_i), n_i the scored tokens.
 
 Outputs in --output_dir: generations/NAME-KEY.jsonl (per model: prompt, response, gold), verdicts/

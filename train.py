@@ -21,13 +21,16 @@ r"""Step 4: fine-tune the large (target) model on the chosen subset with the Hug
     # folder); a checkpoint left half-written by a kill is skipped with a note (checkpoint_problem)
     python train.py ... --resume_from_checkpoint last
 
-Records are Alpaca records (instruction, input, output; JSON list or JSONL, optionally .gz) or
-chat records {"messages": [...]}. Alpaca records are formatted with the Stanford Alpaca prompt and
-only the response tokens (+ eos) are trained on; chat records are rendered with the tokenizer's chat
-template (or the built-in one) and only the assistant turns (+ end-of-turn marker) are trained on
-(rendering.py; --chat_template, --response_boundary, --alpaca_as_chat). The model, tokenizer and
-trainer_state.json are written to --output_dir; with --lora_r the LoRA adapter (and, with
---merge_lora True, the merged model in {output_dir}/merged).
+Records are Alpaca records (instruction, input, output) or chat records {"messages": [...]} (ShareGPT
+"conversations" too), in any format data.py reads: JSON list, JSONL, Parquet, .gz of JSON/JSONL, a
+datasets.save_to_disk folder or a hub dataset id (':SPLIT'); --instruction_field, --input_field,
+--output_field and --messages_field map other column names. Alpaca records are formatted with the
+Stanford Alpaca prompt and only the response tokens (+ eos) are trained on; chat records are rendered
+with the tokenizer's chat template (or the built-in one) and only the assistant turns (+ end-of-turn
+marker) are trained on (rendering.py; --chat_template, --response_boundary, --alpaca_as_chat). The
+model, tokenizer and trainer_state.json are written to --output_dir; with --lora_r the LoRA adapter (and, with
+--merge_lora True, the merged model in {output_dir}/merged). load_adapted loads such an adapter folder
+as a model (its base, as training loaded it, plus the adapter): --merge_lora and evaluate.py use it.
 
 Flags from transformers 4.x that 5.x removed are rewritten with a one-line notice
 (translate_legacy_flags): --evaluation_strategy -> --eval_strategy, --warmup_ratio R ->
@@ -44,7 +47,9 @@ launched by torchrun; --use_cpu is set under torchrun so the processes really tr
 and gradients within float rounding); models that cannot take packed sequences are refused
 (check_padding_free).
 
-dump_pplxs.py (step 2) uses the same front-end: parse_args, load_model_and_tokenizer, build_trainer.
+dump_pplxs.py (step 2) uses the same front-end: parse_args (with its own dataclass added), then fit
+(load, tokenize, train, save; its perplexity callback added through ``prepare``) or, with --score_only,
+setup (load and tokenize, the Trainer built, nothing trained).
 """
 
 from __future__ import annotations

@@ -561,6 +561,7 @@ def test_response_boundary_reaches_gold_perplexity(tmp_path):
     """A Llama-3-like tokenizer joins ':' with the response's first word: 'paper' and 'exact' score other
     tokens. evaluate.py's --response_boundary must give each one's training tokens (was: always 'auto')."""
     import torch
+
     from rendering import RenderOptions, tokenize_records
     from tests._families import make_family
 
