@@ -51,10 +51,11 @@ as ``epoch-{E:.2f}-partial.pkl`` (e.g. epoch-2.33-partial.pkl; cut, not rounded)
 whole epoch's dump, and process_pickle.py / subset.py refuse it.
 
 ``{dump_dir}/manifest.json`` (manifest.py) records the run (a run id), the dataset (path, sha256,
-record count), model, tokenizer, model_max_length, denominator, logits mode, world size, seed,
-package versions, and per dump its epoch, run, step and sha256; global rank 0 rewrites it atomically
-after each dump. A fresh run refuses a --dump_dir holding another run's dumps unless
---overwrite_dumps (which removes them); process_pickle.py and subset.py check the dumps against it.
+record count), model, tokenizer, model_max_length, denominator, logits mode, world size, seed, the
+rendering flags, column map and LoRA flags, package versions, and per dump (noprompt/epoch-*.pkl too)
+its epoch, run, step and sha256; global rank 0 rewrites it atomically after each dump. A fresh run
+(and --score_only) refuses a --dump_dir holding another run's dumps unless --overwrite_dumps (which
+removes them); process_pickle.py and subset.py check the dumps against it.
 
 Resuming (--resume_from_checkpoint) continues the same run (same run id) and keeps the dumps already
 written: epoch-pre.pkl is not recomputed (the model has changed), and an epoch dump missed because
@@ -121,7 +122,7 @@ class DumpArguments:
     dump_noprompt: str = field(
         default="",  # off; "pre" for IFD before training (Superfiltering), "pre,3" or "all" for more epochs
         metadata={"help": "Also dump, at these epochs, the perplexity of every response scored WITHOUT its prompt "
-                          "(response + eos; one more scoring pass, same engine and batching) to "
+                          "(the prompted pass's scored tokens; Alpaca: response + eos; one more scoring pass, same engine and batching) to "
                           "{dump_dir}/noprompt/epoch-{pre,1,...}.pkl, for IFD = PPL(response | prompt) / PPL(response): "
                           "comma-separated 'pre' and epoch numbers, or 'all'. Empty (default): off."},
     )
