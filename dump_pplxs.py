@@ -51,10 +51,11 @@ as ``epoch-{E:.2f}-partial.pkl`` (e.g. epoch-2.33-partial.pkl; cut, not rounded)
 whole epoch's dump, and process_pickle.py / subset.py refuse it.
 
 ``{dump_dir}/manifest.json`` (manifest.py) records the run (a run id), the dataset (path, sha256,
-record count), model, tokenizer, model_max_length, denominator, logits mode, world size, seed,
-package versions, and per dump its epoch, run, step and sha256; global rank 0 rewrites it atomically
-after each dump. A fresh run refuses a --dump_dir holding another run's dumps unless
---overwrite_dumps (which removes them); process_pickle.py and subset.py check the dumps against it.
+record count), model, tokenizer, model_max_length, denominator, logits mode, world size, seed, the
+rendering flags, column map and LoRA flags, package versions, and per dump (noprompt/epoch-*.pkl too)
+its epoch, run, step and sha256; global rank 0 rewrites it atomically after each dump. A fresh run
+(and --score_only) refuses a --dump_dir holding another run's dumps unless --overwrite_dumps (which
+removes them); process_pickle.py and subset.py check the dumps against it.
 
 Resuming (--resume_from_checkpoint) continues the same run (same run id) and keeps the dumps already
 written: epoch-pre.pkl is not recomputed (the model has changed), and an epoch dump missed because
@@ -121,7 +122,7 @@ class DumpArguments:
     dump_noprompt: str = field(
         default="",  # off; "pre" for IFD before training (Superfiltering), "pre,3" or "all" for more epochs
         metadata={"help": "Also dump, at these epochs, the perplexity of every response scored WITHOUT its prompt "
-                          "(response + eos; one more scoring pass, same engine and batching) to "
+                          "(the prompted pass's scored tokens; Alpaca: response + eos; one more scoring pass, same engine and batching) to "
                           "{dump_dir}/noprompt/epoch-{pre,1,...}.pkl, for IFD = PPL(response | prompt) / PPL(response): "
                           "comma-separated 'pre' and epoch numbers, or 'all'. Empty (default): off."},
     )
@@ -701,6 +702,13 @@ def _make_callback_class():
                 path, epoch, m["run_id"], partial=epoch != "pre" and not is_whole_epoch(epoch),
                 global_step=state.global_step, n_records=len(self.data), world_size=m["world_size"],
                 pplx_logits=self.dump_args.pplx_logits)
+            if noprompt_wanted(self, epoch):  # the no-prompt dump written with it, in the same manifest
+                name = f"{manifest.NOPROMPT_SUBDIR}/{dump_name(epoch)}"
+                m["files"][name] = manifest.file_entry(
+                    os.path.join(self.dump_args.dump_dir, name), epoch, m["run_id"],
+                    partial=epoch != "pre" and not is_whole_epoch(epoch), noprompt=True,
+                    global_step=state.global_step, n_records=len(self.noprompt.data), world_size=m["world_size"],
+                    pplx_logits=self.dump_args.pplx_logits)
             manifest.write_manifest(self.dump_args.dump_dir, m)
 
         def _dump_and_record(self, epoch, state):
@@ -722,11 +730,12 @@ def _make_callback_class():
             if self.replace:
                 logger.warning("--overwrite_dumps: removed %s from %s", ", ".join(self.replace), d)
             self.replace = []
-            for name in os.listdir(d):
-                target = name[1:].rsplit(".", 2)[0]
-                if name.startswith(".") and name.endswith(".tmp") and (
-                        manifest.DUMP_FILE.fullmatch(target) or target == manifest.MANIFEST_NAME):
-                    os.remove(os.path.join(d, name))
+            for sub in (d, os.path.join(d, manifest.NOPROMPT_SUBDIR)):
+                for name in os.listdir(sub) if os.path.isdir(sub) else ():
+                    target = name[1:].rsplit(".", 2)[0]
+                    if name.startswith(".") and name.endswith(".tmp") and (
+                            manifest.DUMP_FILE.fullmatch(target) or target == manifest.MANIFEST_NAME):
+                        os.remove(os.path.join(sub, name))
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._tidy()
@@ -768,16 +777,14 @@ def _make_callback_class():
 # IFD: the response scored without its prompt
 
 
-NOPROMPT_SUBDIR = "noprompt"  # {dump_dir}/noprompt/epoch-pre.pkl, ...: the no-prompt dumps, same names
-
-
 def make_noprompt_data(data_args, tokenizer, model_max_length: int) -> SupervisedData:
-    """The records' responses alone (scores.tokenize_responses), dataset order."""
+    """The records' responses alone (scores.tokenize_responses: the prompted pass's scored tokens, as
+    the rendering flags render them), dataset order."""
     from scores import tokenize_responses
     from utils import load_records
 
     records = load_records(data_args.data_path, allow_chat=True, fields=data_args.data_fields)
-    return SupervisedData(*tokenize_responses(records, tokenizer, model_max_length))
+    return SupervisedData(*tokenize_responses(records, tokenizer, model_max_length, data_args.render_options()))
 
 
 def attach_noprompt(cb, data_args, tokenizer, model_max_length: int) -> None:
@@ -785,17 +792,24 @@ def attach_noprompt(cb, data_args, tokenizer, model_max_length: int) -> None:
     writing to {dump_dir}/noprompt/ (the same dump routine, engine, settings and processes)."""
     import dataclasses
 
+    from manifest import NOPROMPT_SUBDIR
+
     sub_args = dataclasses.replace(cb.dump_args, dump_dir=os.path.join(cb.dump_args.dump_dir, NOPROMPT_SUBDIR))
     sub = type(cb)(make_noprompt_data(data_args, tokenizer, model_max_length), cb.pad_token_id, sub_args)
     cb.noprompt = sub.attach(cb.trainer)
 
 
+def noprompt_wanted(cb, epoch) -> bool:
+    """Whether the callback ``cb`` writes a no-prompt dump at ``epoch`` (--dump_noprompt)."""
+    wanted = cb.dump_args.noprompt_epochs()
+    return getattr(cb, "noprompt", None) is not None and (wanted is None or epoch in wanted)
+
+
 def dump_noprompt(cb, epoch) -> None:
     """After the callback's dump at ``epoch``: the no-prompt dump, if --dump_noprompt asks for this epoch."""
-    sub = getattr(cb, "noprompt", None)
-    wanted = cb.dump_args.noprompt_epochs()
-    if sub is None or (wanted is not None and epoch not in wanted):
+    if not noprompt_wanted(cb, epoch):
         return
+    sub = cb.noprompt
     n = len(sub.written)
     sub.dump(epoch)
     cb.written += sub.written[n:]
@@ -803,14 +817,22 @@ def dump_noprompt(cb, epoch) -> None:
 
 def score_only(model_args, data_args, training_args, dump_args) -> list[str]:
     """--score_only: the dumps of the untrained model (epoch-pre.pkl, and noprompt/epoch-pre.pkl with
-    --dump_noprompt pre), through the same Trainer set-up and callback as a training run, no training."""
+    --dump_noprompt pre), through the same Trainer set-up and callback as a training run, no training.
+    --dump_dir is checked as a fresh training run's (another run's dumps only with --overwrite_dumps),
+    and the dumps are recorded in a new manifest.json marked score_only."""
     import train
 
+    run = _start_manifest(data_args, training_args, dump_args, None) if train.is_main_rank() else None
     _, tokenizer, data, trainer = train.setup(model_args, data_args, training_args)
     dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
+    if run is not None:
+        dumper.manifest, dumper.replace = _settle_manifest(run, data, tokenizer, model_args, data_args,
+                                                           training_args, dump_args)
+        dumper.manifest.update(score_only=True, output_dir=None)  # nothing trained, --output_dir not written
     if dump_args.dump_noprompt:
         attach_noprompt(dumper, data_args, tokenizer, training_args.model_max_length)
-    dumper.dump("pre")
+    dumper._tidy()
+    dumper._dump_and_record("pre", trainer.state)
     return dumper.written
 
 
@@ -850,15 +872,28 @@ def _start_manifest(data_args, training_args, dump_args, ckpt) -> dict:
     return {"old": old, "replace": [], "dataset": dataset}
 
 
-def _settle_manifest(run, data, tokenizer, model_args, training_args, dump_args) -> tuple[dict, list[str]]:
+def run_settings(tokenizer, model_args, data_args, training_args, dump_args) -> dict:
+    """The settings a manifest records: those that change the perplexities (model, tokenizer, window,
+    denominator, seed, the rendering flags and column map that decide the scored tokens, LoRA) and the
+    logits mode."""
+    lora = None
+    if model_args.lora_r:
+        lora = {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+                "target_modules": model_args.lora_target_modules}
+    return {"model": model_args.model_name_or_path, "tokenizer": tokenizer.name_or_path,
+            "model_max_length": training_args.model_max_length, "pplx_denominator": dump_args.pplx_denominator,
+            "pplx_logits": dump_args.pplx_logits, "seed": training_args.seed,
+            "response_boundary": data_args.response_boundary, "chat_template": data_args.chat_template,
+            "alpaca_as_chat": data_args.alpaca_as_chat, "fields": data_args.data_fields.resolved(), "lora": lora}
+
+
+def _settle_manifest(run, data, tokenizer, model_args, data_args, training_args, dump_args) -> tuple[dict, list[str]]:
     """The run's manifest (dataset, model, settings, versions) and the files to replace; a resumed run
     keeps its run id and files and must have the settings its dumps were made with."""
     import manifest
     import train
 
-    settings = {"model": model_args.model_name_or_path, "tokenizer": tokenizer.name_or_path,
-                "model_max_length": training_args.model_max_length, "pplx_denominator": dump_args.pplx_denominator,
-                "pplx_logits": dump_args.pplx_logits, "seed": training_args.seed}
+    settings = run_settings(tokenizer, model_args, data_args, training_args, dump_args)
     old = run.get("old")
     manifest.check_settings(old, settings, dump_args.dump_dir)
     m = old if old is not None else {"format": manifest.FORMAT, "run_id": manifest.new_run_id(),
@@ -867,10 +902,10 @@ def _settle_manifest(run, data, tokenizer, model_args, training_args, dump_args)
              settings=settings, world_size=training_args.world_size, versions=manifest.package_versions())
     if old is None and training_args.resume_from_checkpoint:  # resuming a run made before manifests existed
         for name in manifest.dump_files(dump_args.dump_dir):
-            label = name[len("epoch-"):-len(".pkl")].removesuffix("-partial")
-            epoch = label if label == "pre" else float(label) if "." in label else int(label)
+            epoch = manifest.epoch_of(name)
+            extra = {"noprompt": True} if name.startswith(f"{manifest.NOPROMPT_SUBDIR}/") else {}
             m["files"][name] = manifest.file_entry(os.path.join(dump_args.dump_dir, name), epoch, m["run_id"],
-                                                   partial=isinstance(epoch, float), adopted=True)
+                                                   partial=isinstance(epoch, float), adopted=True, **extra)
         if m["files"]:
             train.notice(f"note: {dump_args.dump_dir} has no manifest.json: its dumps {', '.join(m['files'])} are "
                          f"taken as this run's (run {m['run_id']})")
@@ -906,8 +941,8 @@ def main(args=None, callbacks: Sequence = ()):
                          "perplexity is dumped as 1.0 (as in the paper)")
         dumper = _make_callback_class()(data, tokenizer.pad_token_id, dump_args).attach(trainer)
         if run is not None:
-            dumper.manifest, dumper.replace = _settle_manifest(run, data, tokenizer, model_args, training_args,
-                                                               dump_args)
+            dumper.manifest, dumper.replace = _settle_manifest(run, data, tokenizer, model_args, data_args,
+                                                               training_args, dump_args)
         if dump_args.dump_noprompt:  # the no-prompt pass for IFD
             attach_noprompt(dumper, data_args, tokenizer, training_args.model_max_length)
         for cb in (dumper, *callbacks):

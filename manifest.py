@@ -9,9 +9,13 @@ process_pickle.py and subset.py check the dumps they are given against it. Examp
                   "model_max_length": 512, "pplx_denominator": "nonzero", "pplx_logits": "scored", "seed": 42},
      "world_size": 4, "versions": {"python": "3.11.7", "torch": "2.13.0", ...},
      "files": {"epoch-pre.pkl": {"epoch": "pre", "run_id": "3f2a...", "partial": false, "global_step": 0,
-                                 "n_records": 52002, "sha256": "...", "world_size": 4, "written": "..."}, ...}}
+                                 "n_records": 52002, "sha256": "...", "world_size": 4, "written": "..."},
+               "noprompt/epoch-pre.pkl": {"epoch": "pre", "noprompt": true, ...}, ...}}
 
-A folder holds the dumps of one run. A fresh run refuses a folder holding another run's dumps (or dumps
+The settings also hold the rendering flags (response_boundary, chat_template, alpaca_as_chat, the
+column map "fields") and the LoRA flags ("lora"); --score_only runs add ``"score_only": true``.
+
+A folder holds the dumps of one run, the no-prompt (IFD) dumps in ``noprompt/`` included. A fresh run refuses a folder holding another run's dumps (or dumps
 without a manifest) unless --overwrite_dumps, which removes them; a resumed run keeps its run id.
 Folders without a manifest (the paper's released dumps) are read as before, unchecked.
 """
@@ -32,8 +36,10 @@ from utils import file_sha256 as sha256_file
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
 DUMP_FILE = re.compile(r"epoch-(pre|\d+|\d+\.\d+-partial)\.pkl")  # dump_pplxs.dump_name's names
-# settings that change the perplexities: a resumed run must use the same ones
-RESUME_MUST_MATCH = ("model", "tokenizer", "model_max_length", "pplx_denominator", "seed")
+NOPROMPT_SUBDIR = "noprompt"  # {dump_dir}/noprompt/epoch-*.pkl: the no-prompt (IFD) dumps, listed as "noprompt/epoch-*.pkl"
+# settings that change the perplexities (the scored tokens and the model): a resumed run must use the same ones
+RESUME_MUST_MATCH = ("model", "tokenizer", "model_max_length", "pplx_denominator", "seed", "response_boundary",
+                     "chat_template", "alpaca_as_chat", "fields", "lora")
 
 
 def now() -> str:
@@ -56,10 +62,24 @@ def package_versions() -> dict:
 
 
 def dump_files(dump_dir: str) -> list[str]:
-    """Names of the files in ``dump_dir`` that look like perplexity dumps (epoch-*.pkl), sorted."""
-    if not os.path.isdir(dump_dir):
-        return []
-    return sorted(n for n in os.listdir(dump_dir) if DUMP_FILE.fullmatch(n))
+    """Names of the files in ``dump_dir`` that look like perplexity dumps (epoch-*.pkl, and
+    noprompt/epoch-*.pkl for the no-prompt ones), sorted."""
+    out = []
+    for sub in ("", NOPROMPT_SUBDIR):
+        d = os.path.join(dump_dir, sub)
+        if os.path.isdir(d):
+            out += [f"{sub}/{n}" if sub else n for n in os.listdir(d) if DUMP_FILE.fullmatch(n)]
+    return sorted(out)
+
+
+def epoch_of(name: str):
+    """The epoch of a dump file name: "pre", k (whole epoch) or the float of a partial one.
+
+    >>> [epoch_of(n) for n in ("epoch-pre.pkl", "noprompt/epoch-3.pkl", "epoch-2.33-partial.pkl")]
+    ['pre', 3, 2.33]
+    """
+    label = os.path.basename(name)[len("epoch-"):-len(".pkl")].removesuffix("-partial")
+    return label if label == "pre" else float(label) if "." in label else int(label)
 
 
 def read_manifest(dump_dir: str) -> dict | None:
@@ -115,6 +135,9 @@ def check_resume(m: dict | None, dump_dir: str, checkpoint: str, dataset: dict) 
     --output_dir, and the dataset (sha256) is the same."""
     if m is None:
         return
+    if m.get("score_only"):
+        raise UserError(f"--dump_dir {dump_dir} holds the dumps of run {m['run_id']}, a --score_only run (no "
+                        "training, no checkpoint): nothing to resume there; use another --dump_dir")
     folder = os.path.dirname(os.path.normpath(checkpoint))
     if m.get("output_dir") and os.path.realpath(m["output_dir"]) != os.path.realpath(folder):
         raise UserError(f"--dump_dir {dump_dir} holds the dumps of run {m['run_id']}, trained in {m['output_dir']}; "
@@ -129,9 +152,10 @@ def check_settings(m: dict | None, settings: dict, dump_dir: str) -> None:
     """A resumed run must dump with the settings its earlier dumps were made with."""
     if m is None:
         return
-    for key in RESUME_MUST_MATCH:
-        old = m.get("settings", {}).get(key)
-        if old is not None and old != settings.get(key):
+    recorded = m.get("settings", {})
+    for key in RESUME_MUST_MATCH:  # a setting the manifest does not record (an older run) is not compared
+        old = recorded.get(key)
+        if key in recorded and old != settings.get(key):
             raise UserError(f"run {m['run_id']} in {dump_dir} was made with {key}={old!r}; this resumed run has "
                             f"{key}={settings.get(key)!r}: resume with the same flags")
 
@@ -140,13 +164,28 @@ def check_settings(m: dict | None, settings: dict, dump_dir: str) -> None:
 # Checks of step 3 (process_pickle.py, subset.py)
 
 
-def check_dumps(dataset: str, n_records: int, dumps: dict[str, str]) -> None:
-    """``dumps``: flag name (epoch0..epoch3) -> path. When the dumps' folders hold manifests, every dump
-    must be listed there unchanged (sha256), all must come from one run, from ``dataset`` (sha256 of the
-    file and record count), none may be a partial last epoch, epoch0 must be the pre-training dump and
-    the others whole epochs in increasing order (a warning when --epochK is not epoch K). Dumps without
-    any manifest (the paper's) are not checked; a mix of both is a UserError."""
-    manifests = {flag: read_manifest(os.path.dirname(os.path.abspath(p))) for flag, p in dumps.items()}
+def _listing(path: str) -> tuple[str, str]:
+    """(folder of the manifest that lists the dump at ``path``, its name there): a no-prompt dump
+    {dump_dir}/noprompt/epoch-*.pkl is listed in {dump_dir}/manifest.json as "noprompt/epoch-*.pkl"."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if os.path.basename(folder) == NOPROMPT_SUBDIR and not os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+        return os.path.dirname(folder), f"{NOPROMPT_SUBDIR}/{name}"
+    return folder, name
+
+
+def check_dumps(dataset: str, n_records: int, dumps: dict[str, str], noprompt: tuple[str, int] | None = None) -> None:
+    """``dumps``: flag name (epoch0..epoch3) -> path; ``noprompt``: (path, epoch) of the --noprompt dump
+    (epoch 0 = before training). When the dumps' folders hold manifests, every dump must be listed there
+    unchanged (sha256), all must come from one run, from ``dataset`` (sha256 of the file and record
+    count), none may be a partial last epoch, epoch0 must be the pre-training dump and the others whole
+    epochs in increasing order (a warning when --epochK is not epoch K); the no-prompt dump must be
+    listed as one ("noprompt/epoch-*.pkl") of the same run, at its epoch. Dumps without any manifest
+    (the paper's) are not checked; a mix of both is a UserError."""
+    dumps = dict(dumps)
+    if noprompt is not None:
+        dumps["noprompt"] = noprompt[0]
+    listing = {flag: _listing(p) for flag, p in dumps.items()}
+    manifests = {flag: read_manifest(folder) for flag, (folder, _) in listing.items()}
     with_m = [f for f, m in manifests.items() if m is not None]
     if not with_m:
         return
@@ -157,8 +196,8 @@ def check_dumps(dataset: str, n_records: int, dumps: dict[str, str]) -> None:
     entries = {}
     for flag, path in dumps.items():
         m = manifests[flag]
-        where = os.path.join(os.path.dirname(path) or ".", MANIFEST_NAME)
-        e = m["files"].get(os.path.basename(path))
+        where = os.path.join(listing[flag][0], MANIFEST_NAME)
+        e = m["files"].get(listing[flag][1])
         if e is None:
             raise UserError(f"{path} (--{flag}) is not listed in {where}: not a dump of run {m['run_id']} "
                             "(left by an earlier run?)")
@@ -169,6 +208,14 @@ def check_dumps(dataset: str, n_records: int, dumps: dict[str, str]) -> None:
             raise UserError(f"{path} (--{flag}) is the dump of a partial last epoch ({e.get('epoch')} epochs, "
                             "training stopped by --max_steps or a fractional --num_train_epochs), not a whole epoch")
         entries[flag] = e
+    if noprompt is not None:
+        e, want = entries.pop("noprompt"), "pre" if noprompt[1] == 0 else noprompt[1]
+        if not listing["noprompt"][1].startswith(f"{NOPROMPT_SUBDIR}/") or e.get("epoch") != want:
+            is_np = listing["noprompt"][1].startswith(f"{NOPROMPT_SUBDIR}/")
+            what = f"the no-prompt dump at epoch {e.get('epoch')}" if is_np else "not a no-prompt dump"
+            raise UserError(f"{dumps['noprompt']} (--noprompt) is {what}; --noprompt_epoch {noprompt[1]} needs "
+                            f"{NOPROMPT_SUBDIR}/{'epoch-pre.pkl' if want == 'pre' else f'epoch-{want}.pkl'}")
+        entries["noprompt"] = e
     runs = {e["run_id"] for e in entries.values()}
     if len(runs) > 1:
         detail = ", ".join(f"{dumps[f]} (--{f}): run {e['run_id']}" for f, e in entries.items())
@@ -182,7 +229,7 @@ def check_dumps(dataset: str, n_records: int, dumps: dict[str, str]) -> None:
         if d.get("n_records") != n_records:
             raise UserError(f"--dataset {dataset} has {n_records} records; {dumps[flag]} (--{flag}) was dumped "
                             f"for {d.get('n_records')}")
-    epochs = {f: e.get("epoch") for f, e in entries.items()}
+    epochs = {f: e.get("epoch") for f, e in entries.items() if f != "noprompt"}
     if "epoch0" in epochs and epochs["epoch0"] != "pre":
         raise UserError(f"{dumps['epoch0']} (--epoch0) is the dump after epoch {epochs['epoch0']}, not the "
                         "pre-training dump (epoch-pre.pkl)")

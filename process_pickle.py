@@ -36,7 +36,8 @@ needs P0..P3.
 Every input is checked: pickles are loaded without running code, and the dataset, the clustering and
 the four dumps must have the same length (the paper's code silently misaligned). Dumps written by
 dump_pplxs.py have a manifest.json beside them: then all four must be listed in it unchanged, come from
-one run and from --dataset (sha256, record count), and none may be a partial last epoch (manifest.py).
+one run and from --dataset (sha256, record count), and none may be a partial last epoch (manifest.py);
+a --noprompt dump must be that run's noprompt/epoch-*.pkl at --noprompt_epoch.
 The paper's released dumps (no manifest) load as before.
 """
 
@@ -91,11 +92,13 @@ def csv_header(model_name: str) -> list[str]:
     return ["index", "sample", "len_response", "cluster_num", "", f"{m}_P0", f"{m}_P1", f"{m}_P2", f"{m}_P3", "", f"{m}_L1"]
 
 
-def load_inputs(dataset: str, epochs: dict[str, str | None], clustering: str | None, fields=None):
+def load_inputs(dataset: str, epochs: dict[str, str | None], clustering: str | None, fields=None,
+                noprompt: tuple[str, int] | None = None):
     """Load and cross-check the dataset (record views; ``fields``: a data.Fields), the perplexity dumps
     given in ``epochs`` (name -> path or None) and the clustering pickle. Returns (records, {name:
     float64 array}, cluster int64 array or None). A length mismatch raises a UserError naming every
-    file and its length."""
+    file and its length. ``noprompt``: (path, epoch) of the --noprompt dump, checked against the
+    manifest with the others (same run, at that epoch)."""
     records = load_records(dataset, allow_chat=True, fields=fields)
     pplxs = {name: load_pplxs(path) for name, path in epochs.items() if path}
     cluster = load_clustering(clustering) if clustering else None
@@ -106,7 +109,8 @@ def load_inputs(dataset: str, epochs: dict[str, str | None], clustering: str | N
     if clustering:
         lengths[f"{clustering} (--clustering)"] = len(cluster)
     check_lengths(lengths)
-    check_dumps(dataset, len(records), {name: path for name, path in epochs.items() if path})  # manifests, if any
+    check_dumps(dataset, len(records), {name: path for name, path in epochs.items() if path},  # manifests, if any
+                noprompt=noprompt)
     return records, pplxs, cluster
 
 
@@ -226,7 +230,8 @@ def main(args) -> str:
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     records, pp, cluster = load_inputs(args.dataset, {e: getattr(args, e) for e in EPOCHS}, args.clustering,
-                                       data.Fields.from_args(args))
+                                       data.Fields.from_args(args),
+                                       (args.noprompt, args.noprompt_epoch) if args.noprompt else None)
     dumps = [pp[e] for e in EPOCHS if e in pp]
     n = len(records)
     path = None

@@ -7,7 +7,8 @@ process_pickle.py writes it beside the paper's CSV as ``{output_dir}/{model_name
   record_sha256        sha256 of the record's canonical JSON (sorted keys, no spaces, UTF-8): ties the
                        table to its dataset (read_score_table checks it when given the records)
   cluster_num          cluster of the record (clustering.py's pickle)
-  len_response         characters of the response (Alpaca "output"; chat: all assistant turns)
+  len_response         characters of the response (Alpaca "output"; chat: the assistant turns joined by
+                       newlines, data.alpaca_text's output: the paper's CSV's len_response)
   len_response_tokens  tokens of the response (only when a tokenizer was given; no special tokens)
   p0 .. pn             response perplexity before training (p0) and after epoch i (pi); n = last dump
   lp1 .. lpn           LP(i) = (P0 - Pi) / (P0 - Pn), 0 when P0 == Pn (only when n >= 2; lp1 is exactly
@@ -37,7 +38,9 @@ import os
 
 import numpy as np
 
+from data import alpaca_text
 from utils import (
+    IGNORE_INDEX,
     UserError,
     atomic_write,
     check_lengths,
@@ -138,44 +141,63 @@ def record_sha256(record: dict) -> str:
 
 
 def response_text(record: dict) -> str:
-    """The scored response of a record: Alpaca "output"; chat: the assistant turns, joined by a blank line.
+    """The response of a record as text, the one definition every step uses (data.alpaca_text's output,
+    also the CSV's len_response): Alpaca "output"; chat: the assistant turns joined by newlines.
 
     >>> response_text({"instruction": "Add.", "input": "", "output": "5"})
     '5'
-    >>> response_text({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
-    'Hello'
+    >>> response_text({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"},
+    ...                             {"role": "user", "content": "?"}, {"role": "assistant", "content": "lo"}]})
+    'Hel\\nlo'
     """
-    if is_chat(record):
-        return "\n\n".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
-    return record["output"]
+    return alpaca_text(record)["output"]
 
 
 # ----------------------------------------------------------------------------------------
 # Response-only tokenization (the no-prompt pass of IFD)
 
 
-def tokenize_responses(records, tokenizer, model_max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+def _bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer adds a bos to a text (Llama, OPT), else [] (GPT-2, Qwen2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
+def tokenize_responses(records, tokenizer, model_max_length: int, options=None) -> tuple[list[list[int]], list[list[int]]]:
     """(input_ids, labels) of every record's response scored WITHOUT its prompt, for IFD's denominator.
 
-    Text = response + eos (the same response tokens the prompted pass scores, eos included), tokenized
-    with the tokenizer's special tokens (a bos where it adds one, e.g. Llama; none for GPT-2), truncated
-    at ``model_max_length``. Every token is a label: the scoring shifts by one, so the first token is
-    never scored. Without a bos the first response token has no context and is left out; with a bos
-    it is scored given the bos. This is what Cherry / Superfiltering compute (labels = input_ids over
-    the tokenized response, GPT-2 has no bos), so IFD = PPL(response | prompt) / PPL(response alone)
-    compares the same tokens up to that first one. A response truncated in the prompted pass (long
-    prompt) is scored on fewer tokens there: see the truncated flag.
-    Chat records: the assistant turns, each followed by eos, joined by a blank line.
+    Alpaca records (the paper's prompt): text = output + eos, tokenized with the tokenizer's special
+    tokens (a bos where it adds one, e.g. Llama; none for GPT-2), as Cherry / Superfiltering do.
+    Records rendered as a conversation (chat records; Alpaca ones with ``alpaca_as_chat``): exactly
+    the tokens the prompted pass scores (rendering.tokenize_records with ``options``, a
+    rendering.RenderOptions: each assistant turn's content and its end-of-turn marker, e.g.
+    ``<|im_end|>`` in ChatML, ``<|eot_id|>`` in Llama-3), concatenated, after the bos when the
+    tokenizer adds one. Truncated at ``model_max_length``. Every token is a label: the scoring shifts
+    by one, so the first token is never scored. Without a bos the first response token has no context
+    and is left out; with a bos it is scored given the bos. So IFD = PPL(response | prompt) /
+    PPL(response alone) compares the same tokens up to that first one. A response truncated in the
+    prompted pass (long prompt) is scored on fewer tokens there: see the truncated flag.
     """
-    eos = tokenizer.eos_token or ""
-    texts = []
-    for r in records:
-        if is_chat(r):
-            texts.append("\n\n".join(m["content"] + eos for m in r["messages"] if m["role"] == "assistant"))
-        else:
-            texts.append(r["output"] + eos)
-    ids = tokenizer(texts, truncation=True, max_length=model_max_length, add_special_tokens=True)["input_ids"]
-    ids = [list(x) for x in ids]
+    from rendering import BoundaryStats, RenderOptions, tokenize_records
+
+    options = options or RenderOptions()
+    as_chat = [i for i, r in enumerate(records) if is_chat(r) or options.alpaca_as_chat]
+    plain = [i for i in range(len(records)) if not (is_chat(records[i]) or options.alpaca_as_chat)]
+    ids: list[list[int]] = [[] for _ in records]
+    if plain:
+        eos = tokenizer.eos_token or ""
+        enc = tokenizer([records[i]["output"] + eos for i in plain], truncation=True, max_length=model_max_length,
+                        add_special_tokens=True)["input_ids"]
+        for i, x in zip(plain, enc):
+            ids[i] = list(x)
+    if as_chat:
+        # the prompted pass's rendering, untruncated (its boundary notes were shown by that pass)
+        _, labels = tokenize_records([records[i] for i in as_chat], tokenizer, None, options, stats=BoundaryStats())
+        bos = _bos_prefix(tokenizer)
+        for i, lab in zip(as_chat, labels):
+            ids[i] = (bos + [t for t in lab if t != IGNORE_INDEX])[:model_max_length]
     return ids, [list(x) for x in ids]
 
 
@@ -361,12 +383,14 @@ def check_arguments(p, args) -> None:
 
 
 def count_response_tokens(records, tokenizer_dir: str) -> np.ndarray:
-    try:
-        from transformers import AutoTokenizer
+    """Tokens of every record's response_text (no special tokens), with the tokenizer loaded as the
+    selector's is (train.load_tokenizer: a SentencePiece-only folder is read as Llama-2's)."""
+    from train import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--tokenizer {tokenizer_dir}: cannot load a tokenizer ({e})") from None
+    try:
+        tok = load_tokenizer(tokenizer_dir)
+    except UserError as e:  # its messages name --model_name_or_path
+        raise UserError(f"--tokenizer: cannot load a tokenizer: {e}".replace("--model_name_or_path ", "")) from None
     ids = tok([response_text(r) for r in records], add_special_tokens=False)["input_ids"]
     return np.array([len(x) for x in ids], dtype=np.int64)
 

@@ -60,7 +60,10 @@ def _check_manifest(dumps, model, data, names, epochs, others=()):
     assert m["dataset"] == {"path": os.path.abspath(data), "n_records": len(TINY_RECORDS),
                             "sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest()}
     assert m["settings"] == {"model": model, "tokenizer": model, "model_max_length": 256, "pplx_denominator": "nonzero",
-                             "pplx_logits": "scored", "seed": 42}
+                             "pplx_logits": "scored", "seed": 42, "response_boundary": "auto", "chat_template": "auto",
+                             "alpaca_as_chat": False, "lora": None,
+                             "fields": {"instruction": "instruction", "input": "input", "output": "output",
+                                        "messages": "messages"}}
     assert m["world_size"] == 1 and m["versions"]["torch"] == torch.__version__ and len(m["run_id"]) == 16
     assert sorted(m["files"]) == sorted([*names, *others])
     for name, epoch in zip(names, epochs):

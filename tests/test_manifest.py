@@ -152,3 +152,111 @@ def test_resume_checks_the_recorded_run(tiny_llama, tiny_dataset, tmp_path):
                                         r"resumed run has pplx_denominator='mean'"):
         manifest.check_settings({"run_id": "cccccccccccccccc", "settings": {"pplx_denominator": "nonzero"}},
                                 {"pplx_denominator": "mean"}, d)
+
+
+# ----------------------------------------------------------------------------------------
+# the no-prompt (IFD) dumps belong to the manifest; --score_only is checked and recorded; resume flags
+
+
+def _add_noprompt(ws, run_id="aaaaaaaaaaaaaaaa", epoch="pre", listed=True):
+    """{dumps}/noprompt/epoch-{epoch}.pkl, listed (or not) in the manifest of the workspace's dumps."""
+    d = os.path.dirname(ws["paths"]["epoch0"])
+    path = os.path.join(d, "noprompt", f"epoch-{epoch}.pkl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_pickle_plain(path, [float(x) * 2 for x in range(1, 61)])
+    if listed:
+        m = manifest.read_manifest(d)
+        m["files"][f"noprompt/epoch-{epoch}.pkl"] = manifest.file_entry(path, epoch, run_id, False, noprompt=True)
+        manifest.write_manifest(d, m)
+    return path
+
+
+def test_noprompt_dump_is_checked_against_the_manifest(ws, tmp_path):
+    """process_pickle.py --noprompt: the run's own noprompt/epoch-pre.pkl passes; a stale one (not listed),
+    another run's, or one of another epoch is refused (they were paired into IFD silently)."""
+    bare_np = _add_noprompt(ws, listed=False)
+    process_pickle.main(dump_args(ws["paths"], "--noprompt", bare_np, "--output_dir", str(tmp_path / "bare")))
+    add_manifest(ws["paths"])  # the dumps of run a, but its noprompt file is left by another run
+    with pytest.raises(UserError, match=r"noprompt/epoch-pre.pkl \(--noprompt\) is not listed in .*in/manifest.json"):
+        process_pickle.main(dump_args(ws["paths"], "--noprompt", bare_np, "--output_dir", str(tmp_path / "o1")))
+    own = _add_noprompt(ws)
+    process_pickle.main(dump_args(ws["paths"], "--noprompt", own, "--output_dir", str(tmp_path / "ok")))
+    with pytest.raises(UserError, match=r"\(--noprompt\) is the no-prompt dump at epoch pre; --noprompt_epoch 3 "
+                                        r"needs noprompt/epoch-3.pkl"):
+        process_pickle.main(dump_args(ws["paths"], "--noprompt", own, "--noprompt_epoch", "3",
+                                      "--output_dir", str(tmp_path / "o2")))
+    with pytest.raises(UserError, match=r"epoch-1.pkl \(--noprompt\) is not a no-prompt dump"):
+        process_pickle.main(dump_args(ws["paths"], "--noprompt", ws["paths"]["epoch1"], "--noprompt_epoch", "1",
+                                      "--output_dir", str(tmp_path / "o3")))
+    other = make_workspace(str(tmp_path / "other"), n=60, k=3, seed=1)
+    shutil.copy(ws["paths"]["dataset"], other["paths"]["dataset"])
+    add_manifest(other["paths"], run_id="bbbbbbbbbbbbbbbb")
+    theirs = _add_noprompt(other, run_id="bbbbbbbbbbbbbbbb")
+    with pytest.raises(UserError, match=r"different runs .*other/noprompt/epoch-pre.pkl \(--noprompt\): run bbbb"):
+        process_pickle.main(dump_args(ws["paths"], "--noprompt", theirs, "--output_dir", str(tmp_path / "o4")))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_noprompt_dumps_are_in_the_fresh_folder_check(tmp_path):
+    d = tmp_path / "dumps"
+    (d / "noprompt").mkdir(parents=True)
+    write_pickle_plain(str(d / "noprompt" / "epoch-pre.pkl"), [1.0])
+    assert manifest.dump_files(str(d)) == ["noprompt/epoch-pre.pkl"]
+    with pytest.raises(UserError, match="holds the dumps of another run"):
+        manifest.check_fresh_dump_dir(str(d), overwrite=False)
+    assert manifest.check_fresh_dump_dir(str(d), overwrite=True) == ["noprompt/epoch-pre.pkl"]
+
+
+def _score_only_argv(model, data, tmp_path, *extra):
+    return ["--model_name_or_path", model, "--data_path", data, "--output_dir", str(tmp_path / "out"),
+            "--dump_dir", str(tmp_path / "dumps"), "--report_to", "none", "--model_max_length", "128",
+            "--score_only", "True", *extra]
+
+
+def test_score_only_refuses_another_runs_dumps_and_writes_a_manifest(tiny_llama, tiny_dataset, tmp_path):
+    d = tmp_path / "dumps"
+    (d / "noprompt").mkdir(parents=True)
+    write_pickle_plain(str(d / "epoch-pre.pkl"), [7.0] * 12)
+    write_pickle_plain(str(d / "noprompt" / "epoch-3.pkl"), [7.0] * 12)
+    before = (d / "epoch-pre.pkl").read_bytes()
+    with pytest.raises(UserError, match="holds the dumps of another run: a run without a manifest"):
+        dump_pplxs.main(_score_only_argv(tiny_llama, tiny_dataset, tmp_path))
+    assert (d / "epoch-pre.pkl").read_bytes() == before and not (d / "manifest.json").exists()
+    dump_pplxs.main(_score_only_argv(tiny_llama, tiny_dataset, tmp_path, "--overwrite_dumps", "True",
+                                     "--dump_noprompt", "pre"))
+    m = manifest.read_manifest(str(d))
+    assert m["score_only"] is True and m["output_dir"] is None and m["dataset"]["n_records"] == 12
+    assert sorted(m["files"]) == ["epoch-pre.pkl", "noprompt/epoch-pre.pkl"] == manifest.dump_files(str(d))
+    assert m["files"]["noprompt/epoch-pre.pkl"]["noprompt"] is True
+    assert {e["run_id"] for e in m["files"].values()} == {m["run_id"]}
+    manifest.check_dumps(tiny_dataset, 12, {"epoch0": str(d / "epoch-pre.pkl")},
+                         noprompt=(str(d / "noprompt" / "epoch-pre.pkl"), 0))
+    # a second score-only run into the folder is refused like a training run
+    with pytest.raises(UserError, match=f"holds the dumps of another run: run {m['run_id']}"):
+        dump_pplxs.main(_score_only_argv(tiny_llama, tiny_dataset, tmp_path))
+
+
+class _Tok:
+    name_or_path = "tok"
+
+
+@pytest.mark.parametrize("flag, value, key", [
+    ("--response_boundary", "exact", "response_boundary"),
+    ("--chat_template", "builtin", "chat_template"),
+    ("--alpaca_as_chat", "True", "alpaca_as_chat"),
+    ("--output_field", "answer", "fields"),
+    ("--lora_r", "8", "lora"),
+    ("--lora_alpha", "32", "lora"),
+])
+def test_resume_must_keep_the_rendering_and_lora_flags(tiny_dataset, tmp_path, flag, value, key):
+    """A resumed dump run with other rendering / column / LoRA flags would mix dumps of other tokens."""
+    base = ["--model_name_or_path", "m", "--data_path", tiny_dataset, "--output_dir", str(tmp_path / "out"),
+            "--report_to", "none", "--lora_r", "4"]
+    first = dump_pplxs.parse_args(base)
+    run = {"replace": [], "dataset": {"path": tiny_dataset, "sha256": "x"}}
+    m, _ = dump_pplxs._settle_manifest(run, [0] * 12, _Tok(), *first)
+    again = dump_pplxs._settle_manifest({**run, "old": json.loads(json.dumps(m))}, [0] * 12, _Tok(), *first)
+    assert again[0]["run_id"] == m["run_id"]   # the same flags resume
+    changed = dump_pplxs.parse_args(base + [flag, value])
+    with pytest.raises(UserError, match=rf"was made with {key}=.*; this resumed run has {key}="):
+        dump_pplxs._settle_manifest({**run, "old": json.loads(json.dumps(m))}, [0] * 12, _Tok(), *changed)

@@ -297,12 +297,17 @@ def test_tokenize_responses(tiny_llama, tiny_opt):
 
     recs = [{"instruction": "Add.", "input": "2 and 3", "output": "The sum is 5."},
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}]
+    from rendering import tokenize_records
+    from utils import IGNORE_INDEX
+
     for path in (tiny_llama, tiny_opt):
         tok = AutoTokenizer.from_pretrained(path)
         ids, labels = scores.tokenize_responses(recs, tok, 64)
         assert ids == labels
-        want = tok(["The sum is 5." + tok.eos_token, "Hello there" + tok.eos_token])["input_ids"]
-        assert ids == [list(x) for x in want]
+        # Alpaca: output + eos with the tokenizer's bos; chat: the prompted pass's scored tokens after the bos
+        scored = [t for t in tokenize_records(recs[1:], tok, 512)[1][0] if t != IGNORE_INDEX]
+        assert ids == [list(tok("The sum is 5." + tok.eos_token)["input_ids"]), [tok.bos_token_id] + scored]
+        assert tok.decode(scored) == "Hello there" + tok.eos_token   # the built-in template: content + eos
         assert ids[0][-1] == tok.eos_token_id
         ids, _ = scores.tokenize_responses(recs, tok, 3)
         assert [len(x) for x in ids] == [3, 3]   # truncated at model_max_length
@@ -342,7 +347,10 @@ def test_score_only_dumps_p0_and_noprompt_without_training(tiny_llama, tiny_data
     written = dump_pplxs.main(_dump_argv(tiny_llama, tiny_dataset, tmp_path, 3, "--score_only", "True",
                                          "--dump_noprompt", "pre"))
     assert [os.path.relpath(p, tmp_path / "dumps") for p in written] == ["epoch-pre.pkl", os.path.join("noprompt", "epoch-pre.pkl")]
-    assert listdir_all(str(tmp_path / "dumps")) == ["epoch-pre.pkl", os.path.join("noprompt", "epoch-pre.pkl")]
+    assert listdir_all(str(tmp_path / "dumps")) == ["epoch-pre.pkl", "manifest.json",
+                                                       os.path.join("noprompt", "epoch-pre.pkl")]
+    m = json.loads(read_text(str(tmp_path / "dumps" / "manifest.json")))
+    assert sorted(m["files"]) == ["epoch-pre.pkl", "noprompt/epoch-pre.pkl"] and m["score_only"] is True
     assert not (tmp_path / "out").exists() or not any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "out"))
     model, tok = load(tiny_llama)
     # independent one-record-at-a-time references: with the prompt (the paper's) and the response alone,
@@ -373,6 +381,15 @@ def test_noprompt_dumps_at_the_chosen_epochs_of_a_training_run(tiny_opt, tiny_da
     assert ids[0][0] == tok.bos_token_id   # OPT adds its bos: the first response token is scored given it
     got = load_pplxs(tmp_path / "dumps" / "noprompt" / "epoch-2.pkl")
     assert max_rel_diff(list(got), reference_pplxs(model, ids, ids)) < 1e-4
+    import manifest
+
+    d = tmp_path / "dumps"
+    entry = manifest.read_manifest(str(d))["files"]["noprompt/epoch-2.pkl"]
+    assert entry["epoch"] == 2 and entry["noprompt"] is True and entry["sha256"] == manifest.sha256_file(
+        str(d / "noprompt" / "epoch-2.pkl"))
+    manifest.check_dumps(tiny_dataset, len(TINY_RECORDS), {f"epoch{i}": str(d / f"epoch-{e}.pkl")
+                                                          for i, e in enumerate(("pre", 1, 2))},
+                         noprompt=(str(d / "noprompt" / "epoch-2.pkl"), 2))
 
 
 def test_dump_noprompt_flag_is_checked():
@@ -394,5 +411,70 @@ def test_response_tokens_with_a_tokenizer(tiny_llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     assert df["len_response_tokens"].tolist() == [len(tok(r["output"], add_special_tokens=False)["input_ids"])
                                                   for r in ws["records"]]
-    with pytest.raises(UserError, match="cannot load a tokenizer"):
+    with pytest.raises(UserError, match=r"^--tokenizer: cannot load a tokenizer: .*: no tokenizer files in the folder"):
         _run_pp(ws, tmp_path / "rk2", "--tokenizer", str(tmp_path))
+
+
+def test_response_tokens_with_the_selectors_tokenizer_loading(tmp_path):
+    """--tokenizer is read as train.py reads --model_name_or_path: a folder holding only a SentencePiece
+    tokenizer.model is Llama-2's tokenizer (AutoTokenizer reads it otherwise); any failure is one line."""
+    import train
+    from tests._families import make_tokenizer
+
+    ws = make_workspace(str(tmp_path / "in"), n=20, k=2)
+    sp = str(tmp_path / "llama2")
+    make_tokenizer("llama2", sp)
+    _run_pp(ws, tmp_path / "rk", "--tokenizer", sp)
+    df, _ = scores.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"))
+    tok = train.load_tokenizer(sp)
+    assert df["len_response_tokens"].tolist() == [len(tok(r["output"], add_special_tokens=False)["input_ids"])
+                                                  for r in ws["records"]]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("{\"model\": 1}")   # unreadable by the tokenizers library
+    with pytest.raises(UserError, match=r"^--tokenizer: cannot load a tokenizer: .*bad: cannot load the tokenizer"):
+        _run_pp(ws, tmp_path / "rk2", "--tokenizer", str(bad))
+
+
+def test_len_response_is_the_csv_definition():
+    """One definition of a record's response text (data.alpaca_text's output, the CSV's len_response)."""
+    from data import alpaca_text
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                         {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
+    alpaca = {"instruction": "Add.", "input": "", "output": "five"}
+    df = scores.build_score_table([chat, alpaca], [0, 0], [[2.0, 3.0]])
+    assert df["len_response"].tolist() == [len("Yo\nCiao"), 4] == [len(alpaca_text(r)["output"]) for r in (chat, alpaca)]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_noprompt_tokens_are_the_prompted_scored_tokens(tmp_path, family):
+    """With a chat template the prompted pass scores content + end-of-turn marker (<|im_end|>, <|eot_id|>):
+    the no-prompt pass scores the same tokens (after the bos where the tokenizer adds one), also where
+    eos is not the end-of-turn marker (a Qwen2.5 base tokenizer's eos is <|endoftext|>)."""
+    import train
+    from rendering import RenderOptions, tokenize_records
+    from tests._families import CHAT_RECORDS, make_tokenizer
+    from utils import IGNORE_INDEX
+
+    make_tokenizer(family, str(tmp_path / "tok"))
+    tok = train.load_tokenizer(str(tmp_path / "tok"))
+    if family == "qwen2":
+        tok.eos_token = "<|endoftext|>"
+    marker = {"qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}[family]
+    assert tok.eos_token != marker
+    recs = CHAT_RECORDS + [{"instruction": "Add.", "input": "", "output": "56"}]
+    for opts in (RenderOptions(), RenderOptions(alpaca_as_chat=True)):
+        ids, labels = tokenize_records(recs, tok, 256, opts)
+        np_ids, np_labels = scores.tokenize_responses(recs, tok, 256, opts)
+        assert np_ids == np_labels
+        bos = [tok.bos_token_id] if family == "llama3" else []
+        for i, r in enumerate(recs):
+            if "messages" not in r and not opts.alpaca_as_chat:   # the paper's prompt: output + eos
+                assert np_ids[i] == bos + tok("56" + tok.eos_token, add_special_tokens=False)["input_ids"]
+                continue
+            scored = [t for t in labels[i] if t != IGNORE_INDEX]
+            assert np_ids[i] == bos + scored
+            turns = [m["content"] for m in r.get("messages", [{"role": "assistant", "content": "56"}])
+                     if m["role"] == "assistant"]
+            assert tok.decode(np_ids[i][len(bos):]) == "".join(t + marker for t in turns)
