@@ -57,30 +57,42 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[Any], Any], argv: Sequence[str] | None = None) -> int:
     """Entry point used under ``if __name__ == "__main__"``: user errors become a one-line
-    message on stderr and exit status 1 (argparse usage errors already exit 2)."""
+    message on stderr and exit status 1 (argparse usage errors already exit 2). Under torchrun the
+    process leaves through _leave_torchrun (every rank together, no gloo abort at exit)."""
+    rc = 0
     try:
         main(list(sys.argv[1:]) if argv is None else list(argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        rc = 1
     except KeyboardInterrupt:
         print("interrupted: no partial output was written", file=sys.stderr)
-        return 130
-    finally:
-        _destroy_process_group()
-    return 0
+        rc = 130
+    _leave_torchrun(rc)
+    return rc
 
 
-def _destroy_process_group() -> None:
-    """Tear down torch.distributed before the interpreter exits: a gloo group left alive aborts the
-    process at exit ("terminate called without an active exception", SIGABRT) under torchrun."""
+def _leave_torchrun(rc: int) -> None:
+    """A torchrun process whose script set up torch.distributed: wait for every rank (after a
+    successful run), destroy the process group, flush, and exit at once. Leaving through the
+    interpreter's normal shutdown lets C++ destructors of gloo's threads run, which aborts the process
+    ("terminate called without an active exception", SIGABRT) now and then, failing a finished job."""
     torch = sys.modules.get("torch")  # only if the script imported it; never import torch here
-    if torch is None:
+    if torch is None or not os.environ.get("TORCHELASTIC_RUN_ID"):
         return
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(Exception):
+        if rc == 0:
+            dist.barrier()  # no rank tears down the group while another still uses it
+        dist.destroy_process_group()
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 # ----------------------------------------------------------------------------------------
