@@ -1,7 +1,7 @@
 """Shared pieces of the Small2Large pipeline: loading and validating files, safe pickles,
 atomic writes, the Learning-Percentage formulas, the special tokens a model needs, and the
 supervised data used by both train.py and dump_pplxs.py (records are rendered and tokenized by
-rendering.py; its names format_prompt, tokenize_records, PROMPT_DICT, ... are importable from here).
+rendering.py).
 
 Nothing here does work at import time; the heavy imports (torch, transformers) happen
 inside the functions that need them, so clustering.py / subset.py stay fast to start.
@@ -37,18 +37,6 @@ IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding token
 
 DEFAULT_PAD_TOKEN = "[PAD]"
 DEFAULT_EOS_TOKEN = "</s>"
-# The rendering of records (the Alpaca prompt, chat templates, prompt masking) lives in rendering.py;
-# these names stay importable from utils.
-_RENDERING_NAMES = {"PROMPT_DICT", "CHAT_SYSTEM_PREFIX", "CHAT_TURN", "format_prompt", "tokenize_records",
-                    "RenderOptions", "render_prompt"}
-
-
-def __getattr__(name: str):  # PEP 562: lazy, so utils and rendering can import each other's names
-    if name in _RENDERING_NAMES:
-        import rendering
-
-        return getattr(rendering, name)
-    raise AttributeError(f"module 'utils' has no attribute {name!r}")
 
 
 class UserError(Exception):

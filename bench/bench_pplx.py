@@ -27,7 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import IGNORE_INDEX, SupervisedData, UserError, load_records, run_cli, tokenize_records  # noqa: E402
+from rendering import tokenize_records  # noqa: E402
+from utils import IGNORE_INDEX, SupervisedData, UserError, load_records, run_cli  # noqa: E402
 
 
 def paper_loop(model, data: SupervisedData, pad_token_id: int, batch_size: int = 4, autocast=None):

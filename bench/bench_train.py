@@ -31,7 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import SupervisedData, run_cli, tokenize_records  # noqa: E402
+from rendering import tokenize_records  # noqa: E402
+from utils import SupervisedData, run_cli  # noqa: E402
 
 
 class _Counting:

@@ -22,8 +22,9 @@ def main(model_dir, data_path, out):
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     import dump_pplxs
+    from rendering import tokenize_records
     from tests._dump_pplxs_helpers import load
-    from utils import SupervisedData, load_records, tokenize_records
+    from utils import SupervisedData, load_records
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

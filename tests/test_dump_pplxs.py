@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import dump_pplxs
+from rendering import tokenize_records
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
-from utils import SupervisedData, UserError, load_pplxs, tokenize_records, write_pickle
+from utils import SupervisedData, UserError, load_pplxs, write_pickle
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,10 @@ import torch
 
 import dump_pplxs
 from dump_pplxs import score_pplxs, token_losses
+from rendering import tokenize_records
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
-from utils import SupervisedData, load_pplxs, tokenize_records
+from utils import SupervisedData, load_pplxs
 
 
 @pytest.fixture(autouse=True)

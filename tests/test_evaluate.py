@@ -15,9 +15,11 @@ import pytest
 from conftest import ROOT, TINY_RECORDS
 
 import evaluate
-from utils import IGNORE_INDEX, UserError, run_cli, tokenize_records
 
 # ----------------------------------------------------------------------------------------
+from rendering import tokenize_records
+from utils import IGNORE_INDEX, UserError, run_cli
+
 # Pure maths: aggregation, winning score, interval
 
 

@@ -34,7 +34,8 @@ def test_embeddings_on_cuda_equal_the_cpus():
 
 def test_scoring_on_cuda_equals_the_cpu_reference_fp32_and_tf32(tiny_llama):
     from dump_pplxs import score_pplxs
-    from utils import SupervisedData, tokenize_records
+    from rendering import tokenize_records
+    from utils import SupervisedData
 
     model, tok = load(tiny_llama)
     data = SupervisedData(*tokenize_records(TINY_RECORDS * 3, tok, 256))

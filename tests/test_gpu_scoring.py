@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import dump_pplxs
+from rendering import tokenize_records
 from tests._dump_pplxs_helpers import free_port, load, max_rel_diff, reference_pplxs
 from tests.conftest import ROOT, TINY_RECORDS
-from utils import SupervisedData, load_pplxs, tokenize_records
+from utils import SupervisedData, load_pplxs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

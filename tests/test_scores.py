@@ -340,9 +340,10 @@ def _one_thread():
 
 def test_score_only_dumps_p0_and_noprompt_without_training(tiny_llama, tiny_dataset, tmp_path, _one_thread):
     import dump_pplxs
+    from rendering import tokenize_records
     from tests._dump_pplxs_helpers import load, max_rel_diff, reference_pplxs
     from tests.conftest import TINY_RECORDS
-    from utils import load_pplxs, tokenize_records
+    from utils import load_pplxs
 
     written = dump_pplxs.main(_dump_argv(tiny_llama, tiny_dataset, tmp_path, 3, "--score_only", "True",
                                          "--dump_noprompt", "pre"))

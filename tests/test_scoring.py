@@ -15,9 +15,10 @@ from dump_pplxs import (
     score_pplxs,
     shard_batches,
 )
+from rendering import tokenize_records
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
-from utils import IGNORE_INDEX, SupervisedData, tokenize_records
+from utils import IGNORE_INDEX, SupervisedData
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,13 @@ import pytest
 import torch
 from conftest import TINY_RECORDS
 
+import rendering
 import utils
-from utils import IGNORE_INDEX, make_supervised_data, tokenize_records
 
-# The Stanford Alpaca templates, written out independently of utils.PROMPT_DICT.
+# The Stanford Alpaca templates, written out independently of rendering.PROMPT_DICT.
+from rendering import tokenize_records
+from utils import IGNORE_INDEX, make_supervised_data
+
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -36,24 +39,24 @@ def scored(labels):
 
 
 def test_templates_are_the_stanford_alpaca_strings():
-    assert utils.PROMPT_DICT["prompt_input"] == ALPACA_WITH_INPUT
-    assert utils.PROMPT_DICT["prompt_no_input"] == ALPACA_NO_INPUT
+    assert rendering.PROMPT_DICT["prompt_input"] == ALPACA_WITH_INPUT
+    assert rendering.PROMPT_DICT["prompt_no_input"] == ALPACA_NO_INPUT
     r = {"instruction": "Add {x}.", "input": "1 and 2", "output": "3"}
-    assert utils.format_prompt(r) == ALPACA_WITH_INPUT.replace("{instruction}", "Add {x}.").replace("{input}", "1 and 2")
+    assert rendering.format_prompt(r) == ALPACA_WITH_INPUT.replace("{instruction}", "Add {x}.").replace("{input}", "1 and 2")
     r = {"instruction": "Say hi.", "input": "", "output": "hi"}
-    assert utils.format_prompt(r) == ALPACA_NO_INPUT.replace("{instruction}", "Say hi.")
+    assert rendering.format_prompt(r) == ALPACA_NO_INPUT.replace("{instruction}", "Say hi.")
 
 
 def test_labels_are_response_plus_eos_and_prompt_is_masked(tok):
     ids, labels = tokenize_records(TINY_RECORDS, tok, 256)
     for r, x, y in zip(TINY_RECORDS, ids, labels):
         assert len(x) == len(y)
-        n_prompt = len(tok(utils.format_prompt(r))["input_ids"])
+        n_prompt = len(tok(rendering.format_prompt(r))["input_ids"])
         assert y[:n_prompt] == [IGNORE_INDEX] * n_prompt  # the prompt tokenized alone is masked
         assert y[n_prompt:] == x[n_prompt:]  # labels equal input_ids where scored
         assert x[-1] == tok.eos_token_id  # eos appended
         assert tok.decode(scored(y)) == r["output"] + tok.eos_token  # exactly the response + eos is scored
-        assert x == tok(utils.format_prompt(r) + r["output"] + tok.eos_token)["input_ids"]
+        assert x == tok(rendering.format_prompt(r) + r["output"] + tok.eos_token)["input_ids"]
 
 
 @pytest.mark.parametrize("output", ["The sea is wide, deep and always moving under the wind.", "42", "tenalp"])
@@ -77,7 +80,7 @@ def test_changing_only_the_prompt_never_changes_the_scored_tokens(tok, output):
 
 def test_truncation_at_model_max_length(tok):
     r = TINY_RECORDS[3]  # long response
-    n_prompt = len(tok(utils.format_prompt(r))["input_ids"])
+    n_prompt = len(tok(rendering.format_prompt(r))["input_ids"])
     full_ids, full_labels = tokenize_records([r], tok, 256)
     assert len(full_ids[0]) > n_prompt + 3
     ids, labels = tokenize_records([r], tok, n_prompt + 3)
@@ -90,7 +93,7 @@ def test_truncation_at_model_max_length(tok):
 @pytest.mark.parametrize("extra", [-5, 0])
 def test_prompt_filling_the_window_leaves_no_scored_token(tok, extra):
     long_r = {"instruction": "Summarise the text.", "input": "Cats sleep a lot. " * 20, "output": "Cats sleep."}
-    n_prompt = len(tok(utils.format_prompt(long_r))["input_ids"])
+    n_prompt = len(tok(rendering.format_prompt(long_r))["input_ids"])
     max_len = n_prompt + extra  # the prompt is longer than, or exactly, the window
     ids, labels = tokenize_records([long_r, TINY_RECORDS[7]], tok, max_len)
     assert len(ids[0]) == max_len and labels[0] == [IGNORE_INDEX] * max_len
