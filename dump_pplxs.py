@@ -134,16 +134,18 @@ class DumpArguments:
     )
 
     def noprompt_epochs(self) -> set | None:
-        """The epochs of --dump_noprompt ("pre" and ints), None for all, an empty set when off."""
+        """The epochs of --dump_noprompt ("pre" and ints), None for all, an empty set when off; a
+        ValueError for anything else."""
         toks = [t.strip() for t in self.dump_noprompt.split(",") if t.strip()]
+        for t in toks:
+            if t not in ("pre", "all") and not (t.isdigit() and int(t) >= 1):
+                raise ValueError(f"--dump_noprompt takes 'pre', epoch numbers >= 1 or 'all', comma-separated; got {t!r}")
         if "all" in toks:
             return None
         return {t if t == "pre" else int(t) for t in toks}
 
     def __post_init__(self):
-        for t in (t.strip() for t in self.dump_noprompt.split(",") if t.strip()):
-            if t not in ("pre", "all") and not (t.isdigit() and int(t) >= 1):
-                raise ValueError(f"--dump_noprompt takes 'pre', epoch numbers >= 1 or 'all', comma-separated; got {t!r}")
+        self.noprompt_epochs()  # checks --dump_noprompt
         if self.pplx_max_tokens is not None and self.pplx_max_tokens < 1:
             raise ValueError(f"--pplx_max_tokens must be >= 1, got {self.pplx_max_tokens}")
         if self.pplx_denominator not in DENOMINATORS:

@@ -79,9 +79,10 @@ from types import SimpleNamespace
 import numpy as np
 
 import data
-from rendering import BOUNDARIES, RenderOptions
+from rendering import BOUNDARIES, CHAT_TEMPLATES, RenderOptions
 from utils import (
     IGNORE_INDEX,
+    HelpFormatter,
     UserError,
     atomic_write,
     run_cli,
@@ -711,12 +712,8 @@ def judge_all(judge, cache: VerdictCache, requests: list[tuple[str, str, str]], 
 # CLI
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
                    help="models to evaluate: folders written by train.py (or any save_pretrained folder / hub id), "
                         "or a JSONL of responses made elsewhere (one {\"response\": ...} per prompt, prompt order)")
@@ -730,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Koala's); it is rendered as an Alpaca instruction without input")
     p.add_argument("--output_dir", default="eval", help="where generations, verdicts and summary.md go")
     r = p.add_argument_group("rendering (give what train.py was given)")
-    r.add_argument("--chat_template", choices=["auto", "tokenizer", "builtin"], default="auto",
+    r.add_argument("--chat_template", choices=CHAT_TEMPLATES, default=RenderOptions.chat_template,
                    help="chat records: the tokenizer's chat template when it has one (auto), required (tokenizer), or "
                         "the built-in '### Role:' template (builtin); as train.py's --chat_template")
     r.add_argument("--response_boundary", choices=BOUNDARIES, default=RenderOptions.response_boundary,

@@ -65,8 +65,10 @@ from dataclasses import dataclass, field, fields
 import transformers
 
 import data
+from rendering import BOUNDARIES, CHAT_TEMPLATES
 from utils import (
     DataCollatorForSupervisedDataset,
+    HelpFormatter,
     SupervisedData,
     SupervisedDataset,
     UserError,
@@ -167,7 +169,7 @@ class DataArguments:
 
     response_boundary: str = field(
         default="auto",  # the paper's way except on tokenizers where it is systematically wrong
-        metadata={"choices": ["auto", "paper", "exact"],
+        metadata={"choices": list(BOUNDARIES),
                   "help": "Where the scored response starts in the tokens. 'paper': mask len(tokenize(prompt)) tokens "
                           "of tokenize(prompt + response), as the paper does; 'exact': where tokenize(prompt) is not a "
                           "prefix of it, tokenize prompt and response separately; 'auto' (default): exact for byte-level "
@@ -176,7 +178,7 @@ class DataArguments:
     )
     chat_template: str = field(
         default="auto",  # the tokenizer's own template if it has one
-        metadata={"choices": ["auto", "tokenizer", "builtin"],
+        metadata={"choices": list(CHAT_TEMPLATES),
                   "help": "How chat records {\"messages\": [...]} are rendered: 'tokenizer' with the tokenizer's chat "
                           "template (apply_chat_template), 'builtin' with '### {Role}:' turns, 'auto' (default): the "
                           "tokenizer's if it has one. Only assistant turns (+ end-of-turn marker) are scored."},
@@ -461,15 +463,11 @@ def cpu_fallback(ns: argparse.Namespace) -> None:
         ns.fsdp_config = None
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def build_parser(extra_dataclasses: Sequence[type] = (), description: str | None = None):
     return transformers.HfArgumentParser(
         (ModelArguments, DataArguments, TrainingArguments, *extra_dataclasses),
         description=__doc__ if description is None else description,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
 

@@ -18,6 +18,7 @@ Worked example of the Learning Percentage (the paper's Eq. 1, with 3 epochs):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import hashlib
@@ -37,6 +38,10 @@ IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding token
 
 DEFAULT_PAD_TOKEN = "[PAD]"
 DEFAULT_EOS_TOKEN = "</s>"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """-h keeps the docstring's commands as written and shows every flag's default."""
 
 
 class UserError(Exception):
