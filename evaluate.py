@@ -86,6 +86,7 @@ from utils import (
     UserError,
     atomic_write,
     run_cli,
+    safe_name,
 )
 
 METRICS = ("exact_match", "exact_match_norm", "perplexity")
@@ -261,15 +262,6 @@ def sha256_text(*parts: str) -> str:
         h.update(p.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a model or judge name.
-
-    >>> safe_name("openai:gpt-4o/2024"), safe_name("hf:/models/Qwen2.5-7B")
-    ('openai_gpt-4o_2024', 'hf_models_Qwen2.5-7B')
-    """
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.\-]", "_", text)).strip("_") or "x"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -42,7 +42,7 @@ import time
 import numpy as np
 
 import data
-from utils import UserError, atomic_write, check_lengths, load_records, run_cli
+from utils import UserError, atomic_write, check_lengths, load_records, run_cli, safe_name
 
 DEFAULT_BUDGETS = (1.0, 5.0, 10.0, 33.0)
 WITHIN_EXACT_MAX = 400  # clusters above this size use scipy's O(n log n) Kendall instead of the pairwise signs
@@ -480,7 +480,7 @@ def build_report(sels, args, records=None) -> tuple[Doc, dict]:
     subsets: dict[str, dict[float, np.ndarray]] = {}
     for s in sels:
         doc.h(3, s.name)
-        doc.fig(f"{_safe(s.name)}-distributions.png", fig_distributions(s, args.n_traj, args.seed, args.figures),
+        doc.fig(f"{safe_name(s.name)}-distributions.png", fig_distributions(s, args.n_traj, args.seed, args.figures),
                 f"{s.name}: distributions of LP(1), LP(1)-approx and IFD (the columns present) and P0->Pn trajectories")
         if not s.has(args.metric):
             doc.p(f"No {args.metric} column (dumps P0..P{len(s.pcols) - 1}): no {args.metric} subsets.")
@@ -511,7 +511,7 @@ def build_report(sels, args, records=None) -> tuple[Doc, dict]:
             rho = spearman_matrix(np.stack([m, s.col("lp1_approx")], axis=1))[0, 1]
             doc.p(f"Spearman of {args.metric} and LP(1)-approx (the one-epoch selector) over all records: {fmt(rho)}.")
         p_show = 10.0 if 10.0 in subsets[s.name] else args.budgets[0]
-        doc.fig(f"{_safe(s.name)}-composition.png", fig_composition(s, subsets[s.name][p_show], p_show, known, args.figures),
+        doc.fig(f"{safe_name(s.name)}-composition.png", fig_composition(s, subsets[s.name][p_show], p_show, known, args.figures),
                 f"{s.name}: cluster shares and response lengths of the {p_show:g}% subset vs the full data")
         if records is not None:
             doc.pre(examples_text(s, records, m, known, args))
@@ -580,10 +580,6 @@ def examples_text(s: Selector, records, m: np.ndarray, known: np.ndarray, args) 
             for i in part:
                 lines.append(f"  {tag:7s} {m[i]: .4f}  #{i}: {snippet(records[i])}")
     return "\n".join(lines)
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def write_outputs(doc: Doc, out_dir: str, title: str) -> list[str]:

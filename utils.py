@@ -26,6 +26,7 @@ import io
 import json
 import os
 import pickle
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -144,6 +145,15 @@ def folder_sha256(folder: str | os.PathLike) -> str:
             path = os.path.join(root, name)
             h.update(f"{os.path.relpath(path, folder)}\0{file_sha256(path)}\n".encode())
     return h.hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a model or judge name.
+
+    >>> safe_name("openai:gpt-4o/2024"), safe_name("hf:/models/Qwen2.5-7B")
+    ('openai_gpt-4o_2024', 'hf_models_Qwen2.5-7B')
+    """
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.\-]", "_", text)).strip("_") or "x"
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 4) -> None:
