@@ -117,6 +117,7 @@ def load_inputs(dataset: str, epochs: dict[str, str | None], clustering: str | N
 def write_ranking_csv(path: str, model_name: str, records, cluster, p0, p1, p2, p3) -> np.ndarray:
     """Write the paper's ranking CSV atomically; returns the LP(1) values (float64)."""
     l1 = lp1(p0, p1, p3)
+    texts = [alpaca_text(r) for r in records]  # a chat record's text, built once
     l1_cells: list = l1.tolist()
     for i in np.flatnonzero(p0 == p3).tolist():
         l1_cells[i] = 0  # the paper wrote the integer 0 when P0 == P3; same value on reading
@@ -127,8 +128,8 @@ def write_ranking_csv(path: str, model_name: str, records, cluster, p0, p1, p2, 
             w.writerows(
                 zip(
                     range(len(records)),
-                    (sample_text(alpaca_text(r)) for r in records),
-                    (len(alpaca_text(r)["output"]) for r in records),
+                    map(sample_text, texts),
+                    (len(t["output"]) for t in texts),
                     cluster.tolist(),
                     itertools.repeat(""),
                     p0.tolist(), p1.tolist(), p2.tolist(), p3.tolist(),
