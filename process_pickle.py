@@ -93,13 +93,15 @@ def csv_header(model_name: str) -> list[str]:
 
 
 def load_inputs(dataset: str, epochs: dict[str, str | None], clustering: str | None, fields=None,
-                noprompt: tuple[str, int] | None = None):
+                noprompt: tuple[str, int] | None = None, records: list[dict] | None = None):
     """Load and cross-check the dataset (record views; ``fields``: a data.Fields), the perplexity dumps
     given in ``epochs`` (name -> path or None) and the clustering pickle. Returns (records, {name:
     float64 array}, cluster int64 array or None). A length mismatch raises a UserError naming every
     file and its length. ``noprompt``: (path, epoch) of the --noprompt dump, checked against the
-    manifest with the others (same run, at that epoch)."""
-    records = load_records(dataset, allow_chat=True, fields=fields)
+    manifest with the others (same run, at that epoch). ``records``: the dataset's views when the
+    caller has loaded them already (subset.py), so it is not read twice."""
+    if records is None:
+        records = load_records(dataset, allow_chat=True, fields=fields)
     pplxs = {name: load_pplxs(path) for name, path in epochs.items() if path}
     cluster = load_clustering(clustering) if clustering else None
     lengths = {dataset: len(records)}

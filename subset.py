@@ -362,15 +362,16 @@ def read_ranking_csv(path: str, n_records: int, dataset: str) -> Ranking:
     return Ranking(cluster, {"lp1": l1, "lp1_approx": lp1_approx(p[0], p[1])}, trunc, m, unlearned_mask(p[0], p[3], cluster, truncated=trunc))
 
 
-def ranking_from_dumps(args, n_records: int) -> Ranking:
+def ranking_from_dumps(args, records: list[dict]) -> Ranking:
     """The dumps interface: the signals of the score table built from the dumps given
     (scores.build_score_table, the one place they are computed; Pn = the last dump given), so the
-    dumps and --scores select the same records. Truncation is known only from all four dumps."""
+    dumps and --scores select the same records. Truncation is known only from all four dumps.
+    ``records``: the dataset's views, loaded by main()."""
     from process_pickle import EPOCHS, load_inputs
     from scores import build_score_table, score_columns
 
     epochs = {e: getattr(args, e) for e in EPOCHS}
-    records, pp, cluster = load_inputs(args.dataset, epochs, args.clustering, data.Fields.from_args(args))
+    records, pp, cluster = load_inputs(args.dataset, epochs, args.clustering, records=records)
     dumps = [pp[e] for e in EPOCHS if e in pp]
     df = build_score_table(records, cluster, dumps)
     metrics = {c: df[c].to_numpy(dtype=np.float64) for c in score_columns(df)}
@@ -551,7 +552,7 @@ def main(args) -> dict:
     elif interface_a:
         ranking = read_ranking_csv(args.l1_ranking_file, n, args.dataset)
     else:
-        ranking = ranking_from_dumps(args, n)
+        ranking = ranking_from_dumps(args, source.views)
     splits = make_splits(args, ranking, interface_a)
     model = ranking.model_name
     if ranking.truncated is not None:
