@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train
+from rendering import tokenize_records
 from tests._dump_pplxs_helpers import one_thread_fixture
 from tests.conftest import TINY_RECORDS
 from utils import (
@@ -19,7 +20,6 @@ from utils import (
     SupervisedDataset,
     UserError,
     add_missing_special_tokens,
-    tokenize_records,
 )
 
 
