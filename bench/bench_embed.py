@@ -33,7 +33,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import UserError, load_records, run_cli  # noqa: E402
+from small2large import embedding, kmeans
+from small2large.record_io import load_records  # noqa: E402
+from utils import UserError, run_cli
 
 BACKEND_PACKAGES = {"onnx": ["onnxruntime", "optimum"], "openvino": ["openvino", "optimum"]}
 
@@ -79,19 +81,17 @@ def main(args=None):
     import torch
     from sentence_transformers import SentenceTransformer
 
-    import clustering
-
     if args.threads:
         torch.set_num_threads(args.threads)
     n_new = max(1, round(args.new_share * args.n_records))
     records = load_records(args.data)[: args.n_records + n_new]
     if len(records) < args.n_records + n_new:
         raise UserError(f"{args.data}: needs {args.n_records + n_new} records, has {len(records)}")
-    texts = [clustering.embed_sentence(r) for r in records]
+    texts = [embedding.embed_sentence(r) for r in records]
     base, shifted = texts[: args.n_records], texts[n_new: args.n_records + n_new]
     print(f"data: {len(base)} records of {args.data} ({len(set(base))} distinct texts), device {args.device}, "
           f"{torch.get_num_threads()} threads")
-    path = clustering.default_model_path()
+    path = embedding.default_model_path()
     rows = []
 
     t = time.perf_counter()
@@ -100,8 +100,8 @@ def main(args=None):
 
     def ours(label, texts_, cache_dir):
         t = time.perf_counter()
-        path_, sha = clustering.embedding_model(None)
-        emb, st = clustering.embed_with_cache(texts_, path_, sha, args.batch_size, args.max_seq_length,
+        path_, sha = embedding.embedding_model(None)
+        emb, st = embedding.embed_with_cache(texts_, path_, sha, args.batch_size, args.max_seq_length,
                                               args.device, cache_dir)
         rows.append((label, st["embedded"], time.perf_counter() - t))
         return emb
@@ -112,8 +112,8 @@ def main(args=None):
         ours(f"ours, {n_new} new records", shifted, cache)
     assert np.array_equal(first, again)
     k = max(2, len(base) // 20)
-    lab_plain = clustering.kmeans(plain, k, seed=42)[0]
-    lab_ours = clustering.kmeans(first, k, seed=42)[0]
+    lab_plain = kmeans.kmeans(plain, k, seed=42)[0]
+    lab_ours = kmeans.kmeans(first, k, seed=42)[0]
     print(f"{'':26}{'texts embedded':>16}{'seconds':>10}{'records/s':>11}{'vs plain':>10}")
     t_plain = rows[0][2]
     for label, n_emb, sec in rows:

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clustering import kmeans  # noqa: E402
+from small2large.kmeans import kmeans  # noqa: E402
 
 
 def synthetic(n: int, d: int, n_topics: int = 50, n_centres: int = 2000, seed: int = 0) -> np.ndarray:

@@ -27,8 +27,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rendering import tokenize_records  # noqa: E402
-from utils import IGNORE_INDEX, SupervisedData, UserError, load_records, run_cli  # noqa: E402
+from small2large.record_io import load_records  # noqa: E402
+from small2large.rendering import (
+    SupervisedData,
+    tokenize_records,  # noqa: E402
+)
+from utils import IGNORE_INDEX, UserError, run_cli
 
 
 def paper_loop(model, data: SupervisedData, pad_token_id: int, batch_size: int = 4, autocast=None):
@@ -38,7 +42,7 @@ def paper_loop(model, data: SupervisedData, pad_token_id: int, batch_size: int =
     import torch
     import torch.nn.functional as F
 
-    from utils import DataCollatorForSupervisedDataset, SupervisedDataset
+    from small2large.batching import DataCollatorForSupervisedDataset, SupervisedDataset
 
     ds, collate = SupervisedDataset(data), DataCollatorForSupervisedDataset(pad_token_id)
     device = next(model.parameters()).device
@@ -64,7 +68,7 @@ def build_model(args, records, tmp):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from examples.make_tiny_models import corpus, train_bpe_tokenizer, write_tiny_model
-    from utils import add_missing_special_tokens
+    from small2large.models import add_missing_special_tokens
 
     model_dir = args.model_dir
     if model_dir is None:
@@ -120,7 +124,7 @@ def main(args=None):
         args = parse_args(args)
     import torch
 
-    from dump_pplxs import score_pplxs
+    from small2large.scoring import score_pplxs
 
     records = start(args)
     with tempfile.TemporaryDirectory() as tmp:

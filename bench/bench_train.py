@@ -31,8 +31,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rendering import tokenize_records  # noqa: E402
-from utils import SupervisedData, run_cli  # noqa: E402
+from small2large import finetune
+from small2large.rendering import (
+    SupervisedData,
+    tokenize_records,  # noqa: E402
+)
+from utils import run_cli  # noqa: E402
 
 
 class _Counting:
@@ -57,16 +61,14 @@ def run(model, tok, data, args, padding_free: bool, out_dir: str) -> dict:
     import torch
     import transformers
 
-    import train
-
-    targs = train.TrainingArguments(
+    targs = finetune.TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         seed=args.seed, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=not args.device.startswith("cuda"), bf16=args.bf16, dataloader_pin_memory=False,
         padding_free=padding_free,
     )
-    trainer = train.build_trainer(model, tok, data, targs)
+    trainer = finetune.build_trainer(model, tok, data, targs)
     counter = _Counting(trainer.data_collator, padding_free)
     trainer.data_collator = counter
     step_end, losses = {}, {}

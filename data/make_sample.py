@@ -43,6 +43,10 @@ import random
 import sys
 from collections.abc import Callable
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: utils.py
+
+from utils import atomic_write  # noqa: E402
+
 NUM_TRAIN = 2000  # records in data/sample_train.json
 NUM_HELDOUT = 300  # records in data/sample_heldout.json
 TRAIN_SEED = 1234  # seed of the training split
@@ -298,9 +302,6 @@ def dumps(records: list[dict]) -> str:
 
 
 def write_split(path: str, n: int, seed: int, noise_rate: float, duplicate_rate: float) -> list[tuple[dict, dict]]:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from utils import atomic_write
-
     pairs = generate(n, seed, noise_rate, duplicate_rate)
     with atomic_write(path) as f:
         f.write(dumps([r for r, _ in pairs]))

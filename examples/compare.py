@@ -38,8 +38,9 @@ from collections import Counter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from evaluate import corpus_perplexity, markdown_table  # noqa: E402
-from utils import UserError, atomic_write, load_records, run_cli  # noqa: E402
+from small2large.evaluation import corpus_perplexity, markdown_table  # noqa: E402
+from small2large.record_io import load_records  # noqa: E402
+from utils import UserError, atomic_write, run_cli  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # Pure pieces (tested without any model)

@@ -20,8 +20,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rendering import format_prompt  # noqa: E402
-from utils import load_records, run_cli  # noqa: E402
+from small2large.record_io import load_records
+from small2large.rendering import format_prompt  # noqa: E402
+from utils import run_cli  # noqa: E402
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama's tokenizer
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on a laptop CPU, offline, in one command (about 5-10 minutes on 2 cores):
+# The whole method on a laptop CPU, offline, in one command (how long it takes: docs/quickstart.md):
 #
 #     bash examples/quickstart.sh
 #
@@ -104,7 +104,7 @@ selector_epochs=$QS_SELECTOR_EPOCHS target_epochs=$QS_TARGET_EPOCHS selector=${Q
 target=${QS_TARGET_HIDDEN}x$QS_TARGET_LAYERS batch=$QS_BATCH selector_lr=$QS_SELECTOR_LR target_lr=$QS_TARGET_LR \
 max_len=$QS_MAX_LEN new_tokens=$QS_NEW_TOKENS threads=$QS_THREADS"
 CODE_FILES=(data/sample_train.json data/sample_heldout.json utils.py clustering.py dump_pplxs.py process_pickle.py
-            subset.py train.py evaluate.py data.py rendering.py manifest.py scores.py report.py
+            subset.py train.py evaluate.py report.py small2large/*.py
             examples/make_tiny_models.py examples/compare.py examples/quickstart.sh)
 HASH=$( { echo "$CONFIG"; cat "${CODE_FILES[@]}"; } | "$PY" -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:10])")
 NAME="n${QS_RECORDS/#0/all}-k$QS_CLUSTERS-p$QS_PERCENTAGE-e$QS_SELECTOR_EPOCHS.$QS_TARGET_EPOCHS-$HASH"

@@ -12,7 +12,7 @@ IGNORE = -100
 def load(model_dir, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils import add_missing_special_tokens
+    from small2large.models import add_missing_special_tokens
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 
+from small2large import models
 from tests.conftest import TINY_RECORDS
 
 FAMILIES = ("llama2", "mistral", "llama3", "qwen2", "gemma", "phi", "gpt2", "opt")
@@ -63,7 +64,7 @@ CHAT_RECORDS = [
 
 
 def corpus(records=TINY_RECORDS) -> list[str]:
-    from rendering import alpaca_to_messages, format_prompt
+    from small2large.rendering import alpaca_to_messages, format_prompt
 
     texts = [format_prompt(r) + r["output"] for r in records]
     texts += [m["content"] for r in records for m in alpaca_to_messages(r)]
@@ -141,9 +142,8 @@ def make_tokenizer(name: str, out_dir: str, texts=None):
     os.makedirs(out_dir, exist_ok=True)
     if name in ("llama2", "mistral"):
         train_sentencepiece(texts, out_dir)
-        import train
 
-        tok = train.load_tokenizer(out_dir)  # the SentencePiece-only folder, read as Llama's tokenizer
+        tok = models.load_tokenizer(out_dir)  # the SentencePiece-only folder, read as Llama's tokenizer
         if name == "mistral":
             os.remove(os.path.join(out_dir, "tokenizer.model"))
             tok.save_pretrained(out_dir)

@@ -13,6 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from small2large import epoch_dumps, scoring  # noqa: E402
+
 
 def main(model_dir, data_path, out):
     import torch
@@ -22,9 +24,9 @@ def main(model_dir, data_path, out):
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     import dump_pplxs
-    from rendering import tokenize_records
+    from small2large.record_io import load_records
+    from small2large.rendering import SupervisedData, tokenize_records
     from tests._dump_pplxs_helpers import load
-    from utils import SupervisedData, load_records
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -40,13 +42,13 @@ def main(model_dir, data_path, out):
     calls = [0]
     model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
 
-    pplxs, stats = dump_pplxs.score_pplxs(model, data, tok.pad_token_id, max_tokens=700, rank=rank,
+    pplxs, stats = scoring.score_pplxs(model, data, tok.pad_token_id, max_tokens=700, rank=rank,
                                           world_size=ws, progress=False)
     engine_calls = calls[0]
 
     args = transformers.TrainingArguments(output_dir=os.path.join(out, "trainer"), use_cpu=True, report_to="none")
     trainer = transformers.Trainer(model=model, args=args)
-    cb = dump_pplxs._make_callback_class()(data, tok.pad_token_id, dump_pplxs.DumpArguments(
+    cb = epoch_dumps.PerplexityDumpCallback(data, tok.pad_token_id, dump_pplxs.DumpArguments(
         dump_dir=os.path.join(out, "dumps"), pplx_max_tokens=700)).attach(trainer)
     calls[0] = 0
     cb.dump("pre")

@@ -10,6 +10,8 @@ import random
 
 import numpy as np
 
+from small2large import rankings
+
 SPLIT_LIST = [(33, "low"), (33, "mid"), (33, "high"), (25, "low"), (10, "low"), (5, "low"), (3, "low"), (1, "low")]
 PART_NO = {"low": 0, "mid": 1, "high": 2}
 
@@ -188,7 +190,7 @@ def regenerate_and_check(paper_dir, dataset, model, clustering_pkl, out_dir, key
     with contextlib.redirect_stdout(buf):
         csv_path = process_pickle.main(
             ["--dataset", data, "--clustering", clustering_pkl, "--model_name", model, "--output_dir", os.path.join(out_dir, "rk")]
-            + [x for e, name in zip(process_pickle.EPOCHS, ("pre", "1", "2", "3"))
+            + [x for e, name in zip(rankings.EPOCHS, ("pre", "1", "2", "3"))
                for x in (f"--{e}", os.path.join(dumps, f"epoch-{name}.pkl"))])
         written = subset.main(["--dataset", data, "--l1_ranking_file", csv_path, "--lp1", "--lp1_approx", "--clust_rand",
                                "--output_dir", os.path.join(out_dir, "data")])

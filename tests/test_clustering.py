@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import clustering
+from small2large import dumps, embedding, kmeans
 from utils import UserError, safe_load_pickle
 
 
@@ -22,26 +23,26 @@ def _blobs(n_per=40, k=5, d=16, seed=0):
 
 def test_embed_sentence_is_the_papers_text():
     r = {"instruction": "  Add the numbers. ", "input": " 2 and 3\n", "output": "\n5 "}
-    assert clustering.embed_sentence(r) == "Instruction: Add the numbers. 2 and 3 Response: 5"
+    assert embedding.embed_sentence(r) == "Instruction: Add the numbers. 2 and 3 Response: 5"
     r = {"instruction": "Name a colour.", "input": "", "output": "Red."}
-    assert clustering.embed_sentence(r) == "Instruction: Name a colour. Response: Red."   # no double space
+    assert embedding.embed_sentence(r) == "Instruction: Name a colour. Response: Red."   # no double space
     r = {"instruction": "", "input": "only input", "output": ""}
-    assert clustering.embed_sentence(r) == "Instruction: only input Response: "
+    assert embedding.embed_sentence(r) == "Instruction: only input Response: "
 
 
 def test_kmeans_recovers_blobs_and_is_deterministic():
     x, truth = _blobs()
-    lab, cent, inertia = clustering.kmeans(x, 5, seed=42, nredo=10)
+    lab, cent, inertia = kmeans.kmeans(x, 5, seed=42, nredo=10)
     # every blob is exactly one cluster (the best of 10 restarts; one random start may merge two blobs)
     assert len({(t, c) for t, c in zip(truth.tolist(), lab.tolist())}) == 5
     assert cent.shape == (5, 16)
     assert inertia == pytest.approx(float(((x - cent[lab]) ** 2).sum()), rel=1e-4)
-    lab2, _, inertia2 = clustering.kmeans(x.copy(), 5, seed=42, nredo=10)
+    lab2, _, inertia2 = kmeans.kmeans(x.copy(), 5, seed=42, nredo=10)
     assert np.array_equal(lab, lab2) and inertia == inertia2
-    one = [clustering.kmeans(x, 5, seed=7)[0] for _ in range(2)]   # one start: still the same labels twice
+    one = [kmeans.kmeans(x, 5, seed=7)[0] for _ in range(2)]   # one start: still the same labels twice
     assert np.array_equal(one[0], one[1])
     with pytest.raises(UserError, match="between 1 and the number of records"):
-        clustering.kmeans(x[:4], 5)
+        kmeans.kmeans(x[:4], 5)
 
 
 def _dataset(tmp_path, n):
@@ -63,9 +64,9 @@ def test_main_from_saved_embeddings_writes_the_papers_format(tmp_path, capsys):
     assert loaded == res
     assert [set(r) for r in loaded] == [{"embed_sentence", "cluster_num"}] * len(x)
     assert all(type(r["cluster_num"]) is int for r in loaded)
-    assert [r["embed_sentence"] for r in loaded] == [clustering.embed_sentence(r) for r in recs]
+    assert [r["embed_sentence"] for r in loaded] == [embedding.embed_sentence(r) for r in recs]
     assert len({(t, r["cluster_num"]) for t, r in zip(truth.tolist(), loaded)}) == 4
-    assert clustering.load_clustering(path).tolist() == [r["cluster_num"] for r in loaded]
+    assert dumps.load_clustering(path).tolist() == [r["cluster_num"] for r in loaded]
     with open(path, "rb") as f:   # also an ordinary pickle, as the paper's files are
         assert pickle.load(f) == loaded
     # re-cluster with another K from the same embeddings
@@ -88,9 +89,9 @@ def test_bad_usage(tmp_path):
 
 
 def test_model_checksum_mismatch_is_refused(monkeypatch):
-    monkeypatch.setattr(clustering, "MINILM_SHA256", "0" * 64)
+    monkeypatch.setattr(embedding, "MINILM_SHA256", "0" * 64)
     with pytest.raises(UserError, match="sha256"):
-        clustering.default_model_path()
+        embedding.default_model_path()
 
 
 def _mixed_length_records():
@@ -123,7 +124,7 @@ def test_real_model_end_to_end(tmp_path):
     ds = tmp_path / "d.json"
     ds.write_text(json.dumps(recs))
     sentences = [f"Instruction: {(r['instruction'] + ' ' + r['input']).strip()} Response: {r['output']}" for r in recs]
-    st = SentenceTransformer(clustering.default_model_path(), device="cpu")
+    st = SentenceTransformer(embedding.default_model_path(), device="cpu")
     assert st.max_seq_length == 256   # the model's own limit, which the paper's code used
     pieces = [len(st.tokenizer(s)["input_ids"]) for s in sentences]
     assert max(pieces[:2]) < 32 and all(60 < n < 200 for n in pieces[2:4]) and min(pieces[4:]) > 300, pieces
@@ -150,33 +151,33 @@ def test_real_model_end_to_end(tmp_path):
 
 def test_kmeans_plusplus_seeding():
     x, truth = _blobs(n_per=30, k=6, d=8, seed=2)
-    c1 = clustering.kmeans_plusplus(x, 6, seed=42)
-    assert np.array_equal(c1, clustering.kmeans_plusplus(x, 6, seed=42))   # deterministic
+    c1 = kmeans.kmeans_plusplus(x, 6, seed=42)
+    assert np.array_equal(c1, kmeans.kmeans_plusplus(x, 6, seed=42))   # deterministic
     rows = [int(np.flatnonzero((x == c).all(axis=1))[0]) for c in c1]      # centres are data points
     assert sorted(truth[rows].tolist()) == list(range(6))                  # one per well-separated blob
-    lab_pp, _, in_pp = clustering.kmeans(x, 6, seed=1)
-    lab_r, _, in_r = clustering.kmeans(x, 6, seed=1, init="random")
+    lab_pp, _, in_pp = kmeans.kmeans(x, 6, seed=1)
+    lab_r, _, in_r = kmeans.kmeans(x, 6, seed=1, init="random")
     assert len({(t, c) for t, c in zip(truth.tolist(), lab_pp.tolist())}) == 6
     assert in_pp <= in_r * (1 + 1e-6)
 
 
 def test_kmeans_plusplus_on_a_sample_and_both_distance_paths(monkeypatch):
     x, truth = _blobs(n_per=50, k=8, d=12, seed=3)
-    full = clustering.kmeans_plusplus(x, 8, seed=5)
-    sub = clustering.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2)
-    assert np.array_equal(sub, clustering.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2))
+    full = kmeans.kmeans_plusplus(x, 8, seed=5)
+    sub = kmeans.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2)
+    assert np.array_equal(sub, kmeans.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2))
     for c in (full, sub):   # centres are data points, one per well-separated blob, even from 40 of 400 points
         rows = [int(np.flatnonzero((x == r).all(axis=1))[0]) for r in c]
         assert sorted(truth[rows].tolist()) == list(range(8))
     # the all-dot-products path and the one-product-per-step path pick the same centres
-    monkeypatch.setattr(clustering, "GRAM_MAX_BYTES", 0)
-    assert np.array_equal(full, clustering.kmeans_plusplus(x, 8, seed=5))
-    assert np.array_equal(sub, clustering.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2))
+    monkeypatch.setattr(kmeans, "GRAM_MAX_BYTES", 0)
+    assert np.array_equal(full, kmeans.kmeans_plusplus(x, 8, seed=5))
+    assert np.array_equal(sub, kmeans.kmeans_plusplus(x, 8, seed=5, max_points=40, n_local_trials=2))
     with pytest.raises(ValueError, match="at least k"):
-        clustering.kmeans_plusplus(x, 8, max_points=7)
+        kmeans.kmeans_plusplus(x, 8, max_points=7)
     # kmeans: init_sample=0 seeds on all points (= kmeans_plusplus on x), the default on 8 per cluster
-    lab0, _, in0 = clustering.kmeans(x, 8, seed=5, init_sample=0, n_local_trials=0)
-    lab8, _, in8 = clustering.kmeans(x, 8, seed=5)
+    lab0, _, in0 = kmeans.kmeans(x, 8, seed=5, init_sample=0, n_local_trials=0)
+    lab8, _, in8 = kmeans.kmeans(x, 8, seed=5)
     for lab in (lab0, lab8):
         assert len({(t, c) for t, c in zip(truth.tolist(), lab.tolist())}) == 8
     assert in8 == pytest.approx(in0, rel=1e-5)
@@ -207,12 +208,12 @@ def _partition(labels):
 @pytest.mark.parametrize("init", ["kmeans++", "random"])
 def test_different_seeds_give_different_starts(init):
     x = _ambiguous()
-    runs = {s: clustering.kmeans(x, 8, seed=s, init=init) for s in range(5)}
+    runs = {s: kmeans.kmeans(x, 8, seed=s, init=init) for s in range(5)}
     partitions = {_partition(lab) for lab, _, _ in runs.values()}
     inertias = {round(inertia, 6) for _, _, inertia in runs.values()}
     assert len(partitions) >= 3 and len(inertias) >= 3, (
         f"seeds 0..4 gave {len(partitions)} distinct clusterings on structureless data: kmeans() ignores its seed")
-    again = clustering.kmeans(x, 8, seed=3, init=init)   # and the same seed gives the same run
+    again = kmeans.kmeans(x, 8, seed=3, init=init)   # and the same seed gives the same run
     assert np.array_equal(again[0], runs[3][0]) and again[2] == runs[3][2]
 
 
@@ -221,16 +222,16 @@ def test_nredo_keeps_the_lowest_inertia_of_runs_seeded_seed_plus_r(init):
     """--nredo N: N runs seeded seed, seed+1, ..., seed+N-1 (each one equal to a single run with that seed);
     the run of lowest inertia is kept. On this data the best of 5 is strictly better than the first run."""
     x = _ambiguous()
-    single = [clustering.kmeans(x, 8, seed=1 + r, init=init) for r in range(5)]
+    single = [kmeans.kmeans(x, 8, seed=1 + r, init=init) for r in range(5)]
     best = min(single, key=lambda run: run[2])   # min() keeps the first on ties, as kmeans() does
-    lab, cent, inertia = clustering.kmeans(x, 8, seed=1, nredo=5, init=init)
+    lab, cent, inertia = kmeans.kmeans(x, 8, seed=1, nredo=5, init=init)
     assert inertia < single[0][2], (
         f"nredo=5 gave inertia {inertia:.6f}, that of the single run seeded 1 ({single[0][2]:.6f}): no restarts were made")
     assert inertia == best[2], f"nredo=5 kept inertia {inertia:.6f}, not the lowest of its runs ({best[2]:.6f})"
     assert np.array_equal(lab, best[0]) and np.array_equal(cent, best[1])
     assert inertia == pytest.approx(float(((x - cent[lab]).astype(np.float64) ** 2).sum()), rel=1e-5)
     with pytest.raises(UserError, match="--nredo"):
-        clustering.kmeans(x, 8, nredo=0)
+        kmeans.kmeans(x, 8, nredo=0)
 
 
 def test_nredo_flag_reaches_kmeans(tmp_path, capsys):
@@ -242,8 +243,8 @@ def test_nredo_flag_reaches_kmeans(tmp_path, capsys):
     one = [r["cluster_num"] for r in clustering.main(argv + ["--output_name", "one"])]
     five = [r["cluster_num"] for r in clustering.main(argv + ["--output_name", "five", "--nredo", "5"])]
     assert _partition(np.array(five)) != _partition(np.array(one)), "--nredo 5 wrote the clustering of a single run"
-    assert one == clustering.kmeans(x, 6, seed=42)[0].tolist()
-    lab5, _, in5 = clustering.kmeans(x, 6, seed=42, nredo=5)
+    assert one == kmeans.kmeans(x, 6, seed=42)[0].tolist()
+    lab5, _, in5 = kmeans.kmeans(x, 6, seed=42, nredo=5)
     assert five == lab5.tolist()
-    assert in5 < clustering.kmeans(x, 6, seed=42)[2]
+    assert in5 < kmeans.kmeans(x, 6, seed=42)[2]
     assert "best of 5 runs, seeds 42..46" in capsys.readouterr().out

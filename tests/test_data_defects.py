@@ -9,7 +9,7 @@ from _step3_helpers import dump_args, make_workspace
 
 import process_pickle
 import subset
-import utils
+from small2large import record_io
 from tests.conftest import TINY_RECORDS
 from utils import UserError
 
@@ -20,7 +20,7 @@ def test_utf8_byte_order_mark_loads(tmp_path):
                        ("a.jsonl", "".join(json.dumps(r) + "\n" for r in TINY_RECORDS))):
         p = tmp_path / name
         p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
-        assert utils.load_records(p) == TINY_RECORDS, name
+        assert record_io.load_records(p) == TINY_RECORDS, name
 
 
 def test_other_encodings_get_a_one_line_error_that_says_so(tmp_path):
@@ -29,12 +29,12 @@ def test_other_encodings_get_a_one_line_error_that_says_so(tmp_path):
     p = tmp_path / "latin1.json"
     p.write_bytes(json.dumps(recs, ensure_ascii=False).encode("latin-1"))
     with pytest.raises(UserError, match=r"latin1.json: not UTF-8: byte 0xe9 at offset \d+ \(is it Latin-1") as e:
-        utils.load_records(p)
+        record_io.load_records(p)
     assert "\n" not in str(e.value)
     q = tmp_path / "utf16.jsonl"
     q.write_bytes(json.dumps(recs[0], ensure_ascii=False).encode("utf-16"))   # with its byte-order mark
     with pytest.raises(UserError, match="utf16.jsonl: not UTF-8: it starts with a UTF-16 byte-order mark"):
-        utils.load_records(q)
+        record_io.load_records(q)
 
 
 @pytest.mark.parametrize("interface", ["a", "b"])

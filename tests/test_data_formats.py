@@ -12,11 +12,10 @@ import pytest
 from _step3_helpers import dump_args, make_workspace
 
 import clustering
-import data
 import process_pickle
 import subset
 import train
-import utils
+from small2large import dumps, embedding, record_io, rendering, scoring
 from tests._dump_pplxs_helpers import load
 from tests.conftest import TINY_RECORDS
 from utils import UserError
@@ -81,10 +80,10 @@ def test_every_format_loads_the_same_views_in_order(tmp_path):
     paths = _in_all_formats(tmp_path, ODD_RECORDS)
     want = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in ODD_RECORDS]
     for name, p in paths.items():
-        src = data.load(p)
+        src = record_io.load(p)
         assert src.views == want, name
         assert src.fmt == {"json": "json", "json.gz": "json", "jsonl": "jsonl", "jsonl.gz": "jsonl"}.get(name, "parquet")
-        assert utils.load_records(p) == want, name
+        assert record_io.load_records(p) == want, name
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +97,10 @@ def llama(tiny_llama):
 
 
 def _pplxs(llama, path, **kw):
-    import dump_pplxs
 
     model, tok = llama
-    d = utils.make_supervised_data(path, tok, 128, **kw)
-    return d, dump_pplxs.score_pplxs(model, d, tok.pad_token_id, progress=False)[0]
+    d = rendering.make_supervised_data(path, tok, 128, **kw)
+    return d, scoring.score_pplxs(model, d, tok.pad_token_id, progress=False)[0]
 
 
 def test_round_trips_give_the_same_perplexities_as_the_json_file(tmp_path, llama):
@@ -126,27 +124,27 @@ def test_field_flags_map_other_columns(tmp_path, llama):
              for r in ODD_RECORDS]
     p = _write(tmp_path / "dolly.parquet", dolly, "parquet")
     with pytest.raises(UserError, match="record 0 has no 'output' field.*--output_field"):
-        data.load(p)
-    fields = data.Fields(input="context", output="response")
-    assert data.load(p, fields=fields).views == data.load(_write(tmp_path / "a.json", ODD_RECORDS, "json")).views
+        record_io.load(p)
+    fields = record_io.Fields(input="context", output="response")
+    assert record_io.load(p, fields=fields).views == record_io.load(_write(tmp_path / "a.json", ODD_RECORDS, "json")).views
     _, got = _pplxs(llama, p, fields=fields)
     assert got == _pplxs(llama, str(tmp_path / "a.json"))[1]
     chat = [{"dialog": r["messages"]} for r in CHAT_RECORDS]
     q = _write(tmp_path / "chat.jsonl", chat, "jsonl")
-    assert data.load(q, allow_chat=True, fields=data.Fields(messages="dialog")).views == CHAT_RECORDS
+    assert record_io.load(q, allow_chat=True, fields=record_io.Fields(messages="dialog")).views == CHAT_RECORDS
     prompts = [{"prompt": r["instruction"], "completion": r["output"]} for r in TINY_RECORDS[:1]]   # one JSONL line
     r = _write(tmp_path / "one.jsonl", prompts, "jsonl")
-    assert data.load(r, fields=data.Fields(instruction="prompt", output="completion")).views[0]["output"] == "tenalp"
+    assert record_io.load(r, fields=record_io.Fields(instruction="prompt", output="completion")).views[0]["output"] == "tenalp"
 
 
 def test_field_flags_on_every_script(tmp_path):
     argv = ["--input_field", "context", "--output_field", "response", "--instruction_field", "q", "--messages_field", "m"]
-    want = data.Fields("q", "context", "response", "m")
+    want = record_io.Fields("q", "context", "response", "m")
     p = _write(tmp_path / "a.json", TINY_RECORDS, "json")
-    assert data.Fields.from_args(clustering.parse_args(["--dataset", p, "--num_clusters", "2", *argv])) == want
-    assert data.Fields.from_args(process_pickle.parse_args(["--dataset", p, "--epoch0", "a", "--epoch1", "a", "--epoch2", "a",
+    assert record_io.Fields.from_args(clustering.parse_args(["--dataset", p, "--num_clusters", "2", *argv])) == want
+    assert record_io.Fields.from_args(process_pickle.parse_args(["--dataset", p, "--epoch0", "a", "--epoch1", "a", "--epoch2", "a",
                                                             "--epoch3", "a", "--clustering", "c", *argv])) == want
-    assert data.Fields.from_args(subset.parse_args(["--dataset", p, "--l1_ranking_file", "x", "--lp1", *argv])) == want
+    assert record_io.Fields.from_args(subset.parse_args(["--dataset", p, "--l1_ranking_file", "x", "--lp1", *argv])) == want
     _, data_args, _ = train.parse_args(["--data_path", p, "--output_dir", str(tmp_path), *argv])
     assert data_args.data_fields == want
     saved = _write(tmp_path / "saved", TINY_RECORDS, "disk")   # a folder is accepted as --data_path
@@ -160,7 +158,7 @@ def test_clustering_embeds_the_mapped_view_and_checks_lengths(tmp_path):
     np.save(tmp_path / "e.npy", emb)
     out = clustering.main(["--dataset", p, "--input_field", "context", "--output_field", "response", "--num_clusters", "3",
                            "--embeddings", str(tmp_path / "e.npy"), "--output_dir", str(tmp_path / "c")])
-    assert [o["embed_sentence"] for o in out] == [clustering.embed_sentence(v) for v in data.load(_write(
+    assert [o["embed_sentence"] for o in out] == [embedding.embed_sentence(v) for v in record_io.load(_write(
         tmp_path / "a.json", ODD_RECORDS, "json")).views]
     np.save(tmp_path / "short.npy", emb[:-1])
     with pytest.raises(UserError, match=r"shape \(11, 8\) does not match 12 records of .*dolly.parquet"):
@@ -184,15 +182,15 @@ def test_hub_id_split_syntax_and_known_column_maps(tmp_path, monkeypatch):
         return datasets.Dataset.from_list(dolly)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    src = data.load("databricks/databricks-dolly-15k")
+    src = record_io.load("databricks/databricks-dolly-15k")
     assert calls[-1] == ("databricks/databricks-dolly-15k", "train") and src.fmt == "parquet"
     assert src.views == [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in TINY_RECORDS]
-    data.load("databricks/databricks-dolly-15k:train[:5]")
+    record_io.load("databricks/databricks-dolly-15k:train[:5]")
     assert calls[-1] == ("databricks/databricks-dolly-15k", "train[:5]")
-    data.load("HuggingFaceH4/ultrachat_200k", fields=data.Fields("instruction", "context", "response"))
+    record_io.load("HuggingFaceH4/ultrachat_200k", fields=record_io.Fields("instruction", "context", "response"))
     assert calls[-1] == ("HuggingFaceH4/ultrachat_200k", "train_sft")
     with pytest.raises(UserError, match="record 0 has no 'output'"):   # an unknown id gets no column map
-        data.load("someone/dolly-copy")
+        record_io.load("someone/dolly-copy")
 
 
 def test_uncached_hub_id_offline_is_a_one_line_error(monkeypatch, tmp_path):
@@ -200,10 +198,10 @@ def test_uncached_hub_id_offline_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(UserError, match="no-such-owner/no-such-data.*HF_HUB_OFFLINE") as e:
-        data.load("no-such-owner/no-such-data")
+        record_io.load("no-such-owner/no-such-data")
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="no such file"):
-        data.load(str(tmp_path / "missing.json"))
+        record_io.load(str(tmp_path / "missing.json"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +210,7 @@ def test_uncached_hub_id_offline_is_a_one_line_error(monkeypatch, tmp_path):
 
 def test_views_never_modify_the_source_records(tmp_path):
     p = _write(tmp_path / "a.json", ODD_RECORDS, "json")
-    src = data.load(p)
+    src = record_io.load(p)
     assert src.originals == ODD_RECORDS   # no "input" inserted, null kept, extra fields kept
     assert "input" not in src.originals[2] and src.originals[7]["input"] is None
     assert src.views[2]["input"] == "" and src.views[7]["input"] == "" and "category" not in src.views[4]
@@ -220,16 +218,16 @@ def test_views_never_modify_the_source_records(tmp_path):
 
 def test_sharegpt_maps_roles_and_rejects_unknown_turns(tmp_path):
     p = _write(tmp_path / "sg.json", SHAREGPT_RECORDS, "json")
-    assert data.load(p, allow_chat=True).views == CHAT_RECORDS
+    assert record_io.load(p, allow_chat=True).views == CHAT_RECORDS
     with pytest.raises(UserError, match="record 0 has no 'instruction'"):   # steps that take no chat say so
-        data.load(p)
+        record_io.load(p)
     bad = json.loads(json.dumps(SHAREGPT_RECORDS))
     bad[1]["conversations"].insert(1, {"from": "function_call", "value": "{}"})
     with pytest.raises(UserError, match="sg2.json: record 1: turn 1 is from 'function_call'; ShareGPT turns must be from human, gpt, system"):
-        data.load(_write(tmp_path / "sg2.json", bad, "json"), allow_chat=True)
+        record_io.load(_write(tmp_path / "sg2.json", bad, "json"), allow_chat=True)
     bad = [{"conversations": [{"from": "human", "value": "Hi"}]}]
     with pytest.raises(UserError, match="record 0: no assistant turn"):
-        data.load(_write(tmp_path / "sg3.json", bad, "json"), allow_chat=True)
+        record_io.load(_write(tmp_path / "sg3.json", bad, "json"), allow_chat=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +272,7 @@ def test_subset_format_follows_the_input_format(tmp_path, fmt):
             source = pa.Table.from_pylist(recs)
             assert table.column_names == source.column_names
             assert table.to_pylist() == source.take(list(idx)).to_pylist()
-        assert data.load(path).views == [data.load(os.path.join(ref, os.path.basename(path)[: -len(ext)] + ".json")).views[j]
+        assert record_io.load(path).views == [record_io.load(os.path.join(ref, os.path.basename(path)[: -len(ext)] + ".json")).views[j]
                                          for j in range(len(idx))]
 
 
@@ -296,10 +294,10 @@ def test_saved_dataset_dict_splits(tmp_path):
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(TINY_RECORDS[:5]),
                                "test": datasets.Dataset.from_list(TINY_RECORDS[5:])})
     dd.save_to_disk(str(tmp_path / "dd"))
-    assert len(data.load(str(tmp_path / "dd"))) == 5
-    assert data.load(str(tmp_path / "dd") + ":test").views == TINY_RECORDS[5:]
+    assert len(record_io.load(str(tmp_path / "dd"))) == 5
+    assert record_io.load(str(tmp_path / "dd") + ":test").views == TINY_RECORDS[5:]
     with pytest.raises(UserError, match="no split 'dev'"):
-        data.load(str(tmp_path / "dd") + ":dev")
+        record_io.load(str(tmp_path / "dd") + ":dev")
 
 
 def test_dump_run_on_a_saved_dataset_with_mapped_columns(tmp_path, tiny_llama, llama):
@@ -315,7 +313,7 @@ def test_dump_run_on_a_saved_dataset_with_mapped_columns(tmp_path, tiny_llama, l
                      "--num_train_epochs", "1", "--max_steps", "1", "--per_device_train_batch_size", "4",
                      "--model_max_length", "128", "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no"])
     _, ref = _pplxs(llama, _write(tmp_path / "a.json", ODD_RECORDS, "json"))
-    assert max_rel_diff(list(utils.load_pplxs(tmp_path / "d" / "epoch-pre.pkl")), ref) < 1e-6
+    assert max_rel_diff(list(dumps.load_pplxs(tmp_path / "d" / "epoch-pre.pkl")), ref) < 1e-6
 
 
 def test_parquet_subsets_of_a_mapped_hub_dataset_load_without_flags(tmp_path, monkeypatch):
@@ -332,5 +330,5 @@ def test_parquet_subsets_of_a_mapped_hub_dataset_load_without_flags(tmp_path, mo
     (path, idx), = res.items()
     assert path.endswith("10_low_lp1-model.parquet")
     assert pq.read_table(path).to_pylist() == [dolly[i] for i in idx]
-    assert data.load(path).views == [ws["records"][i] for i in idx]
-    assert data.load(path, fields=data.Fields(output="context")).views[0]["output"] == ws["records"][idx[0]]["input"]
+    assert record_io.load(path).views == [ws["records"][i] for i in idx]
+    assert record_io.load(path, fields=record_io.Fields(output="context")).views[0]["output"] == ws["records"][idx[0]]["input"]

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import dump_pplxs
-import manifest
-from rendering import tokenize_records
+from small2large import manifest
+from small2large.dumps import load_pplxs
+from small2large.rendering import SupervisedData, tokenize_records
 from tests._dump_pplxs_helpers import free_port, load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import ROOT, TINY_RECORDS
-from utils import SupervisedData, load_pplxs
 
 RECORDS = TINY_RECORDS + TINY_RECORDS[:4]  # 16: whole steps of 2 x 4, no record repeated to even out the ranks
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import dump_pplxs
-from rendering import tokenize_records
+from small2large import scoring
+from small2large.dumps import load_pplxs
+from small2large.rendering import SupervisedData, tokenize_records
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
-from utils import SupervisedData, UserError, load_pplxs, write_pickle
+from utils import UserError, write_pickle
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +83,7 @@ def test_partial_last_epoch_never_replaces_a_whole_epoch(flags, partial, epoch, 
     """3 steps per epoch: --max_steps 4 stops 1.33 epochs in, --num_train_epochs 0.5 after 2 steps (0.67).
     The partial epoch gets its own file (the old code wrote it over epoch-1.pkl, or as epoch-1.pkl);
     the manifest marks it partial and step 3 refuses it."""
-    import manifest
+    from small2large import manifest
 
     written = dump_pplxs.main(_argv(tiny_llama, tiny_dataset, tmp_path, 1, *flags))
     d = tmp_path / "dumps"
@@ -93,7 +95,7 @@ def test_partial_last_epoch_never_replaces_a_whole_epoch(flags, partial, epoch, 
     assert e["partial"] and e["epoch"] == pytest.approx(epoch) and e["global_step"] == round(3 * epoch)
     # the partial dump is the final model's perplexities; epoch-1.pkl is the model after 3 steps
     model, tok = load(str(tmp_path / "out"))
-    final, _ = dump_pplxs.score_pplxs(model, SupervisedData(*tokenize_records(TINY_RECORDS, tok, 256)),
+    final, _ = scoring.score_pplxs(model, SupervisedData(*tokenize_records(TINY_RECORDS, tok, 256)),
                                       tok.pad_token_id, progress=False)
     assert max_rel_diff(list(load_pplxs(d / partial)), final) < 1e-5
     if epoch > 1:
@@ -127,7 +129,7 @@ def test_resume_at_the_last_step_writes_the_missed_partial_dump(tiny_llama, tiny
 def test_fresh_run_refuses_another_runs_dumps(tiny_llama, tiny_dataset, tmp_path):
     """A dump folder holding dumps without a manifest, or another run's: a fresh run stops before
     loading anything (the old code warned and mixed them); nothing is touched."""
-    import manifest
+    from small2large import manifest
 
     d = tmp_path / "dumps"
     d.mkdir()
@@ -146,7 +148,7 @@ def test_fresh_run_refuses_another_runs_dumps(tiny_llama, tiny_dataset, tmp_path
 def test_overwrite_dumps_replaces_the_old_run(tiny_llama, tiny_dataset, tmp_path):
     """--overwrite_dumps: the old run's dumps (here a longer run's epoch-2/epoch-3) are removed, not
     left beside the new P0/P1 where process_pickle.py would have combined them."""
-    import manifest
+    from small2large import manifest
 
     d = tmp_path / "dumps"
     old = "0123456789abcdef"
@@ -240,7 +242,7 @@ def test_default_denominator_is_the_papers_nonzero_end_to_end(tiny_llama_zero_lo
     differ = [i for i, (a, b) in enumerate(zip(ref["nonzero"], ref["mean"])) if abs(a / b - 1) > 0.1]
     assert differ == [i for i, r in enumerate(TINY_RECORDS) if r["output"].endswith(".")]   # and only those
     for den in ("nonzero", "mean"):
-        got, _ = dump_pplxs.score_pplxs(model, data, tok.pad_token_id, max_tokens=300, denominator=den, progress=False)
+        got, _ = scoring.score_pplxs(model, data, tok.pad_token_id, max_tokens=300, denominator=den, progress=False)
         err = max_rel_diff(got, ref[den])
         assert err < 1e-5, f"score_pplxs(denominator={den!r}) differs from the {den!r} reference by {err:.2g}"
     dump_pplxs.main(_argv(tiny_llama_zero_loss, tiny_dataset, tmp_path, 1))   # the default denominator

@@ -14,6 +14,7 @@ import pytest
 
 import clustering
 import utils
+from small2large import embedding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +69,7 @@ def test_rerun_embeds_nothing_and_new_records_only_are_embedded(tmp_path, encode
     first = _run(ds, out, "a")
     assert len(encoded) == 10
     assert "0 of 10 records reused from the cache, 10 texts embedded" in capsys.readouterr().out
-    cache = out / "embedding-cache" / f"{clustering.MINILM_SHA256[:16]}-len256.npz"
+    cache = out / "embedding-cache" / f"{embedding.MINILM_SHA256[:16]}-len256.npz"
     assert os.listdir(out / "embedding-cache") == [cache.name]
     emb_a = np.load(out / "a-embeddings.npy")
 
@@ -85,12 +86,12 @@ def test_rerun_embeds_nothing_and_new_records_only_are_embedded(tmp_path, encode
     recs_b = _records(2, start=100) + recs[::-1]
     ds_b = _write(tmp_path, "b.json", recs_b)
     _run(ds_b, out, "b")
-    assert sorted(encoded) == sorted(clustering.embed_sentence(r) for r in recs_b[:2])
+    assert sorted(encoded) == sorted(embedding.embed_sentence(r) for r in recs_b[:2])
     assert "10 of 12 records reused from the cache, 2 texts embedded" in capsys.readouterr().out
     emb_b = np.load(out / "b-embeddings.npy")
     assert np.array_equal(emb_b[2:], emb_a[::-1])
     # the new ones are what embedding them directly gives
-    direct = clustering.embed([clustering.embed_sentence(r) for r in recs_b[:2]], clustering.default_model_path(),
+    direct = embedding.embed([embedding.embed_sentence(r) for r in recs_b[:2]], embedding.default_model_path(),
                               32, 256, "cpu")
     assert np.allclose(emb_b[:2], direct, atol=1e-6)
 
@@ -115,7 +116,7 @@ def test_rerun_embeds_nothing_and_new_records_only_are_embedded(tmp_path, encode
 def test_another_model_reuses_nothing(tmp_path, encoded, capsys):
     """A copy of all-MiniLM-L6-v2 whose pooling is CLS instead of mean is another model: other checksum, other
     cache file, every record embedded, other embeddings."""
-    src = clustering.default_model_path()
+    src = embedding.default_model_path()
     other = tmp_path / "minilm-cls"
     shutil.copytree(src, other, ignore=shutil.ignore_patterns("model.safetensors"))
     os.symlink(os.path.join(src, "model.safetensors"), other / "model.safetensors")
@@ -132,7 +133,7 @@ def test_another_model_reuses_nothing(tmp_path, encoded, capsys):
     _run(ds, out, "cls", 2, "--embedding_model", str(other))
     assert len(encoded) == 6
     assert "0 of 6 records reused" in capsys.readouterr().out
-    assert sorted(os.listdir(out / "embedding-cache")) == sorted([f"{clustering.MINILM_SHA256[:16]}-len256.npz",
+    assert sorted(os.listdir(out / "embedding-cache")) == sorted([f"{embedding.MINILM_SHA256[:16]}-len256.npz",
                                                                    f"{fp[:16]}-len256.npz"])
     assert not np.allclose(np.load(out / "mean-embeddings.npy"), np.load(out / "cls-embeddings.npy"), atol=1e-3)
     encoded.clear()
@@ -144,29 +145,29 @@ def test_cache_file_is_plain_numpy_and_checked(tmp_path, encoded, capsys):
     ds, out = _write(tmp_path, "a.json", _records(4)), tmp_path / "clus"
     _run(ds, out, "a")
     cache_dir = out / "embedding-cache"
-    cache = cache_dir / f"{clustering.MINILM_SHA256[:16]}-len256.npz"
+    cache = cache_dir / f"{embedding.MINILM_SHA256[:16]}-len256.npz"
     with np.load(cache, allow_pickle=False) as z:   # no object arrays: loads without pickle
         assert sorted(z.files) == ["embeddings", "keys", "max_seq_length", "model_sha256"]
         assert z["keys"].shape == (4, 32) and z["embeddings"].shape == (4, 384)
-        assert str(z["model_sha256"]) == clustering.MINILM_SHA256
+        assert str(z["model_sha256"]) == embedding.MINILM_SHA256
     # a file renamed to another model's name is refused (its content names the model it was made with)
-    other = clustering.cache_file(str(cache_dir), "f" * 64, 256)
+    other = embedding.cache_file(str(cache_dir), "f" * 64, 256)
     shutil.copy(cache, other)
-    assert clustering.load_cache(other, "f" * 64, 256) == ([], None)
+    assert embedding.load_cache(other, "f" * 64, 256) == ([], None)
     assert "was written for model 53aa51172d142c89 / max length 256" in capsys.readouterr().out
     # a damaged file: a warning, everything embedded again, the file rewritten whole
     cache.write_bytes(cache.read_bytes()[:100])
     encoded.clear()
     _run(ds, out, "b")
     assert len(encoded) == 4 and "is unreadable" in capsys.readouterr().out
-    assert len(clustering.load_cache(str(cache), clustering.MINILM_SHA256, 256)[0]) == 4
+    assert len(embedding.load_cache(str(cache), embedding.MINILM_SHA256, 256)[0]) == 4
 
 
 def test_kill_while_writing_the_cache_keeps_the_previous_one(tmp_path):
     """A real SIGKILL in the middle of writing the cache file: the previous cache is intact and used."""
     ds, out = _write(tmp_path, "a.json", _records(4)), tmp_path / "clus"
     _run(ds, out, "a")
-    cache = out / "embedding-cache" / f"{clustering.MINILM_SHA256[:16]}-len256.npz"
+    cache = out / "embedding-cache" / f"{embedding.MINILM_SHA256[:16]}-len256.npz"
     before = cache.read_bytes()
     ds2 = _write(tmp_path, "b.json", _records(6))
     script = (
@@ -186,5 +187,5 @@ def test_kill_while_writing_the_cache_keeps_the_previous_one(tmp_path):
     assert cache.read_bytes() == before   # the old cache, whole
     leftovers = [f for f in os.listdir(out / "embedding-cache") if f != cache.name]
     assert leftovers and all(f.startswith(".") and f.endswith(".tmp") for f in leftovers)
-    keys, emb = clustering.load_cache(str(cache), clustering.MINILM_SHA256, 256)
+    keys, emb = embedding.load_cache(str(cache), embedding.MINILM_SHA256, 256)
     assert len(keys) == 4 and emb.shape == (4, 384)

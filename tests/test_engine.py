@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import dump_pplxs
-from dump_pplxs import score_pplxs, token_losses
-from rendering import tokenize_records
+from small2large import batching, epoch_dumps, scoring
+from small2large.dumps import load_pplxs
+from small2large.rendering import SupervisedData, tokenize_records
+from small2large.scoring import score_pplxs, token_losses
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
-from utils import SupervisedData, load_pplxs
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +123,7 @@ def test_ranks_agree_on_the_default_budget(llama, monkeypatch):
     still share one batch plan (the smallest budget), or records would be scored twice or never."""
     model, tok, data, ref = llama
     own = {"rank0": 1400, "rank1": 350}
-    monkeypatch.setattr(dump_pplxs, "default_token_budget", lambda m, d: own[threading.current_thread().name])
+    monkeypatch.setattr(scoring, "default_token_budget", lambda m, d: own[threading.current_thread().name])
     (r0, r1), _ = run_ranks(model, data, tok.pad_token_id)
     assert r0[1].max_tokens_start == r1[1].max_tokens_start == 350
     assert r0[0] == r1[0] and max_rel_diff(r0[0], ref) < 1e-5
@@ -153,7 +154,7 @@ def test_oom_on_one_rank_is_agreed_by_all(llama):
     assert r0[0] == r1[0] and max_rel_diff(r0[0], ref) < 1e-5
     with pytest.raises(RuntimeError, match="single record"):  # the other rank stops too, no hang
         lengths = [len(x) for x in data.input_ids]
-        longest_of_rank1 = lengths[dump_pplxs.length_sorted_batches(lengths, 1200)[1][0]]
+        longest_of_rank1 = lengths[batching.length_sorted_batches(lengths, 1200)[1][0]]
         run_ranks(Flaky(model, limit=longest_of_rank1 - 1, oom_threads={"rank1"}), data, tok.pad_token_id,
                   max_tokens=1200)
 
@@ -209,14 +210,14 @@ def test_device_comes_from_the_trainer_not_the_first_parameter(llama, tmp_path):
     trainer = SimpleNamespace(model_wrapped=holder, model=model, args=SimpleNamespace(device=torch.device("cpu")),
                               accelerator=SimpleNamespace(autocast=None))
     args = dump_pplxs.DumpArguments(dump_dir=str(tmp_path))
-    cb = dump_pplxs._make_callback_class()(data, tok.pad_token_id, args).attach(trainer)
+    cb = epoch_dumps.PerplexityDumpCallback(data, tok.pad_token_id, args).attach(trainer)
     cb.dump("pre")
     got = list(load_pplxs(tmp_path / "epoch-pre.pkl"))
-    assert max_rel_diff(got, ref) < 1e-5 and cb.last_stats.max_tokens == dump_pplxs.CPU_TOKEN_BUDGET
+    assert max_rel_diff(got, ref) < 1e-5 and cb.last_stats.max_tokens == scoring.CPU_TOKEN_BUDGET
 
 
 def test_auto_budget_depends_on_vocabulary_and_memory():
-    f = dump_pplxs.auto_token_budget
+    f = scoring.auto_token_budget
     # hand-computed: per token 4 x 32000 + 4 x (6 x 4096 + 3 x 16384) = 422912 bytes; half of 40 GiB less
     # three 64 MiB cross-entropy chunks is 21374173184 bytes -> 50540 tokens -> 50432 (multiple of 256)
     assert f(40 * 2**30, 32000, 4096) == 50432

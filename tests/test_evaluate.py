@@ -15,9 +15,11 @@ import pytest
 from conftest import ROOT, TINY_RECORDS
 
 import evaluate
+from small2large import generation
+from small2large import judge as judging
 
 # ----------------------------------------------------------------------------------------
-from rendering import tokenize_records
+from small2large.rendering import tokenize_records
 from utils import IGNORE_INDEX, UserError, run_cli
 
 # Pure maths: aggregation, winning score, interval
@@ -37,13 +39,13 @@ def test_aggregation_on_hand_made_verdicts():
         ((None, None), "failed", "failed"),
     ]
     for (ab, ba), strict, lenient in cases:
-        assert evaluate.aggregate(ab, ba) == strict, (ab, ba)
-        assert evaluate.aggregate(ab, ba, "lenient") == lenient, (ab, ba)
-    outcomes = [evaluate.aggregate(ab, ba) for (ab, ba), _, _ in cases]
+        assert judging.aggregate(ab, ba) == strict, (ab, ba)
+        assert judging.aggregate(ab, ba, "lenient") == lenient, (ab, ba)
+    outcomes = [judging.aggregate(ab, ba) for (ab, ba), _, _ in cases]
     # win 1, lose 1, tie 5, failed 2 -> (1 - 1) / 7 + 1
-    assert evaluate.winning_score(outcomes) == 1.0
-    assert evaluate.winning_score(["win"] * 3 + ["lose"] + ["tie"] * 4 + ["failed"]) == 1.25  # (3-1)/8 + 1
-    assert evaluate.winning_score(["lose", "lose"]) == 0.0 and evaluate.winning_score(["win"]) == 2.0
+    assert judging.winning_score(outcomes) == 1.0
+    assert judging.winning_score(["win"] * 3 + ["lose"] + ["tie"] * 4 + ["failed"]) == 1.25  # (3-1)/8 + 1
+    assert judging.winning_score(["lose", "lose"]) == 0.0 and judging.winning_score(["win"]) == 2.0
 
 
 def _reference_bootstrap(values, n, seed):
@@ -63,20 +65,20 @@ def test_bootstrap_interval_against_values_by_hand():
     # 8 wins and 2 ties: the resampled number of wins is Binomial(10, 0.8); P(k <= 4) = 0.006 and
     # P(k <= 5) = 0.033 bracket 2.5%, and P(k = 10) = 0.107 > 2.5%: the winning score's interval is
     # [5/10 + 1, 10/10 + 1] = [1.5, 2.0] around 1.8.
-    vals = [evaluate.OUTCOME_VALUE[o] for o in ["win"] * 8 + ["tie"] * 2]
-    lo, hi = evaluate.bootstrap_interval(vals, 10000, seed=42)
+    vals = [judging.OUTCOME_VALUE[o] for o in ["win"] * 8 + ["tie"] * 2]
+    lo, hi = judging.bootstrap_interval(vals, 10000, seed=42)
     assert (lo + 1, hi + 1) == (1.5, 2.0)
-    assert evaluate.winning_score(["win"] * 8 + ["tie"] * 2) == pytest.approx(1.8)
+    assert judging.winning_score(["win"] * 8 + ["tie"] * 2) == pytest.approx(1.8)
     # 5 wins and 5 losses: mean = (2k - 10)/10 with k ~ Binomial(10, 0.5); P(k <= 1) = 0.011 and
     # P(k <= 2) = 0.055 bracket 2.5%: interval [2 * 2/10 - 1 + 1, 2 * 8/10 - 1 + 1] = [0.4, 1.6]
-    lo, hi = evaluate.bootstrap_interval([1] * 5 + [-1] * 5, 10000, seed=7)
+    lo, hi = judging.bootstrap_interval([1] * 5 + [-1] * 5, 10000, seed=7)
     assert (round(lo + 1, 12), round(hi + 1, 12)) == (0.4, 1.6)
     # the same numbers as a one-resample-at-a-time loop, for an uneven case and another seed
     vals = [1, 0, 0, -1, 1, 1, 0, 1, -1, 1, 0]
-    assert evaluate.bootstrap_interval(vals, 3500, seed=3) == pytest.approx(_reference_bootstrap(vals, 3500, 3),
+    assert judging.bootstrap_interval(vals, 3500, seed=3) == pytest.approx(_reference_bootstrap(vals, 3500, 3),
                                                                             abs=1e-12)
     # the interval depends on the seed and on nothing else
-    assert evaluate.bootstrap_interval(vals, 3500, seed=3) == evaluate.bootstrap_interval(vals, 3500, seed=3)
+    assert judging.bootstrap_interval(vals, 3500, seed=3) == judging.bootstrap_interval(vals, 3500, seed=3)
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,15 +107,15 @@ def _last_response_start(labels):
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_rendering_equals_training(arch, tiny_llama, tiny_opt):
     path = tiny_llama if arch == "llama" else tiny_opt
-    _, tok = evaluate.load_model(path, 512, "cpu", __import__("torch").float32)  # train.py's loading
+    _, tok = generation.load_model(path, 512, "cpu", __import__("torch").float32)  # train.py's loading
     records = [dict(r) for r in TINY_RECORDS] + CHAT_RECORDS
     ids, labels = tokenize_records(records, tok, 512)
     for rec, x, lab in zip(records, ids, labels):
         a = _last_response_start(lab)
-        assert evaluate.prompt_ids(rec, tok) == x[:a], rec
+        assert generation.prompt_ids(rec, tok) == x[:a], rec
     # a chat prompt without its answer renders the same as with it
     open_chat = {"messages": CHAT_RECORDS[1]["messages"][:-1]}
-    assert evaluate.prompt_ids(open_chat, tok) == evaluate.prompt_ids(CHAT_RECORDS[1], tok)
+    assert generation.prompt_ids(open_chat, tok) == generation.prompt_ids(CHAT_RECORDS[1], tok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,9 +153,9 @@ def test_greedy_generation_deterministic_and_cached(tiny_llama, tiny_opt, tmp_pa
     rows = _rows(gen_file)
     assert [r["index"] for r in rows] == list(range(len(TINY_RECORDS)))
     # reference: each prompt alone, unpadded, model.generate greedy
-    model, tok = evaluate.load_model(tiny_llama, 512, "cpu", torch.float32)
+    model, tok = generation.load_model(tiny_llama, 512, "cpu", torch.float32)
     for rec, row in zip(TINY_RECORDS, rows):
-        ids = evaluate.prompt_ids(dict(rec), tok)
+        ids = generation.prompt_ids(dict(rec), tok)
         gen = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
@@ -183,7 +185,7 @@ def test_greedy_generation_deterministic_and_cached(tiny_llama, tiny_opt, tmp_pa
         cfg = json.load(f)
     cfg["rms_norm_eps"] = 1e-5
     _write(os.path.join(changed, "config.json"), cfg)
-    assert evaluate.model_identity(changed) != evaluate.model_identity(tiny_llama)
+    assert generation.model_identity(changed) != generation.model_identity(tiny_llama)
 
 
 # ----------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def test_exact_match_on_the_heldout_sample(tmp_path):
     assert (m["exact_match"]["correct"], m["exact_match"]["n"], m["exact_match"]["value"]) == (10, 40, 0.25)
     assert m["exact_match_norm"]["correct"] == 13
     hits = [float(i in exact) for i in range(40)]
-    assert tuple(m["exact_match"]["ci95"]) == evaluate.bootstrap_interval(hits, 10000, 42)
+    assert tuple(m["exact_match"]["ci95"]) == judging.bootstrap_interval(hits, 10000, 42)
     # by hand: resampled hits ~ Binomial(40, 0.25), P(k <= 4) = 0.016 < 2.5% < P(k <= 5) = 0.043, and the
     # 97.5% point lies at k = 15 (P(k <= 15) = 0.9738, close to 0.975, so 16 within sampling error)
     lo, hi = m["exact_match"]["ci95"]
@@ -247,7 +249,7 @@ def test_cached_generations_scored_and_gold_perplexity(tiny_llama, tmp_path, cap
     assert "loading" not in capsys.readouterr().out  # no model needed: nothing loaded
     # gold perplexity = exp(mean loss over response tokens), against a one-record-at-a-time HF loss
     ppl = res_ppl = evaluate.main(args)["models"][0]["metrics"]["perplexity"]
-    model, tok = evaluate.load_model(tiny_llama, 256, "cpu", torch.float32)
+    model, tok = generation.load_model(tiny_llama, 256, "cpu", torch.float32)
     ids, labels = tokenize_records([dict(r) for r in recs], tok, 256)
     ref, ntok = [], []
     for x, lab in zip(ids, labels):
@@ -425,22 +427,22 @@ def test_hf_judge_probabilities_and_position_bias(tiny_llama, tmp_path):
     pair = res["pairwise"][0]
     verdicts = _rows(pair["verdicts_file"])
     # every recorded probability is the softmax of one plain forward pass on the rendered judging prompt
-    model, tok = evaluate.load_model(tiny_llama, 512, "cpu", torch.float32)
+    model, tok = generation.load_model(tiny_llama, 512, "cpu", torch.float32)
     first = {k: {tok.encode(v, add_special_tokens=False)[0] for v in (k, " " + k)} for k in "ABC"}
     letter_ids = {k: sorted(first[k] - set().union(*(first[o] for o in "ABC" if o != k))) for k in "ABC"}
     for i, v in enumerate(verdicts):
         for order, (first, second) in (("a_first", (TINY_RECORDS[i]["output"], "no")),
                                        ("b_first", ("no", TINY_RECORDS[i]["output"]))):
             q = TINY_RECORDS[i]["instruction"] + (f"\n\n{TINY_RECORDS[i]['input']}" if TINY_RECORDS[i]["input"] else "")
-            user = evaluate.fill_template(evaluate.JUDGE_TEMPLATE, question=q, answer_1=first, answer_2=second)
-            text = f"{evaluate.JUDGE_SYSTEM}\n\n{user}\n\nVerdict:"
+            user = judging.fill_template(judging.JUDGE_TEMPLATE, question=q, answer_1=first, answer_2=second)
+            text = f"{judging.JUDGE_SYSTEM}\n\n{user}\n\nVerdict:"
             with torch.no_grad():
                 p = torch.softmax(model(input_ids=torch.tensor([tok(text)["input_ids"]])).logits[0, -1], -1)
             want = {k: float(p[ids].sum()) for k, ids in letter_ids.items()}
             got = v[order]["probs"]
             assert got == pytest.approx(want, rel=1e-5)
-            assert v[order]["verdict"] == evaluate.VERDICT_LETTERS[max(want, key=want.get)]
-        assert v["outcome"] == evaluate.aggregate(v["a_first"]["verdict"], v["b_first"]["verdict"])
+            assert v[order]["verdict"] == judging.VERDICT_LETTERS[max(want, key=want.get)]
+        assert v["outcome"] == judging.aggregate(v["a_first"]["verdict"], v["b_first"]["verdict"])
     # a judge that always says "A" prefers whichever answer is shown first: every prompt is a tie
     judge = _always_a_judge(tiny_llama, str(tmp_path / "always-a"))
     res = evaluate.main(["--models", a, b, "--prompts", prompts, "--output_dir", out, "--pairwise", "a", "b",
@@ -497,7 +499,7 @@ def test_bad_inputs(tmp_path, tiny_llama, capsys):
 def test_chat_prompts(tmp_path):
     recs = [{"messages": [{"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "4"}]},
             {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"}]}]
-    prompts = [evaluate._prompt_entry("f", i, r, None) for i, r in enumerate(recs)]
+    prompts = [generation._prompt_entry("f", i, r, None) for i, r in enumerate(recs)]
     assert [p["gold"] for p in prompts] == ["4", None]
     assert [p["question"] for p in prompts] == ["Add 2 and 2.", "System: Be brief.\n\nUser: Capital of Peru?"]
     given = _write(tmp_path / "r.jsonl", [{"response": "4"}, {"response": "Lima"}], jsonl=True)
@@ -529,7 +531,7 @@ def test_line_separator_in_prompt_and_cached_response(tiny_llama, tmp_path, caps
             {"instruction": "Name a colour\u0085please.", "input": "", "output": "red"}]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    prompts = evaluate.load_prompts(str(path))
+    prompts = generation.load_prompts(str(path))
     assert [p["record"]["instruction"] for p in prompts] == [r["instruction"] for r in recs]
     out = str(tmp_path / "eval")
     args = ["--models", tiny_llama, "--prompts", str(path), "--max_new_tokens", "2", "--output_dir", out,
@@ -564,12 +566,12 @@ def test_response_boundary_reaches_gold_perplexity(tmp_path):
     tokens. evaluate.py's --response_boundary must give each one's training tokens (was: always 'auto')."""
     import torch
 
-    from rendering import RenderOptions, tokenize_records
+    from small2large.rendering import RenderOptions, tokenize_records
     from tests._families import make_family
 
     path = make_family("llama3", str(tmp_path / "m"))
     prompts = _write(tmp_path / "p.json", [dict(r) for r in TINY_RECORDS[:6]])
-    model, tok = evaluate.load_model(path, 128, "cpu", torch.float32)
+    model, tok = generation.load_model(path, 128, "cpu", torch.float32)
     got = {}
     for b in ("paper", "exact"):
         res = evaluate.main(["--models", path, "--prompts", prompts, "--metric", "perplexity", "--model_max_length",

@@ -10,10 +10,10 @@ import types
 import pytest
 import torch
 
-import rendering
 import train
 import utils
-from rendering import BoundaryStats, RenderOptions, render_prompt, tokenize_records
+from small2large import finetune, models, record_io, rendering
+from small2large.rendering import BoundaryStats, RenderOptions, render_prompt, tokenize_records
 from tests._dump_pplxs_helpers import max_rel_diff, one_thread_fixture, reference_pplxs
 from tests._families import CHAT_RECORDS, FAMILIES, make_family
 from tests.conftest import TINY_RECORDS
@@ -35,9 +35,9 @@ def families(tmp_path_factory):
 
 
 def _load(path):
-    margs = train.ModelArguments(path)
-    targs = train.TrainingArguments(output_dir="/tmp/unused", model_max_length=256, report_to="none")
-    model, tok = train.load_model_and_tokenizer(margs, targs)
+    margs = finetune.ModelArguments(path)
+    targs = finetune.TrainingArguments(output_dir="/tmp/unused", model_max_length=256, report_to="none")
+    model, tok = models.load_model_and_tokenizer(margs, targs)
     model.eval()
     return model, tok
 
@@ -60,13 +60,13 @@ def test_special_tokens_never_shrink_and_no_bos_unk_added(families, name):
     from transformers import AutoModelForCausalLM
 
     path = families[name]
-    tok = train.load_tokenizer(path)
+    tok = models.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     bos, unk, eos, pad = tok.bos_token, tok.unk_token, tok.eos_token, tok.pad_token
     n_tok, rows = len(tok), model.get_input_embeddings().weight.shape[0]
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     old = model.get_input_embeddings().weight.detach().clone()
-    added = utils.add_missing_special_tokens(tok, model)
+    added = models.add_missing_special_tokens(tok, model)
     assert (tok.bos_token, tok.unk_token, tok.eos_token) == (bos, unk, eos)  # never a bos or unk
     assert added == (pad is None) and tok.pad_token == (pad or "[PAD]")
     w = model.get_input_embeddings().weight.detach()
@@ -88,10 +88,10 @@ def test_pad_to_multiple_of_rounds_the_grown_matrix_up(families):
     from transformers import AutoModelForCausalLM
 
     path = families["gpt2"]  # 400 ids, 400 rows, no pad, tied
-    tok = train.load_tokenizer(path)
+    tok = models.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     old = model.get_input_embeddings().weight.detach().clone()
-    assert utils.add_missing_special_tokens(tok, model, pad_to_multiple_of=64) == 1
+    assert models.add_missing_special_tokens(tok, model, pad_to_multiple_of=64) == 1
     w = model.get_input_embeddings().weight.detach()
     assert w.shape[0] == 448 and model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert torch.equal(w[:400], old) and torch.equal(w[400], old.mean(0))
@@ -122,7 +122,7 @@ def test_llama_opt_embeddings_bit_identical_to_todays_code(arch, request):
 
     path = request.getfixturevalue(f"tiny_{arch}")
     pairs = []
-    for fn in (utils.add_missing_special_tokens, _todays_add_missing_special_tokens):
+    for fn in (models.add_missing_special_tokens, _todays_add_missing_special_tokens):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         assert fn(tok, model) == 1
@@ -155,14 +155,14 @@ def test_zero3_writes_the_rows_inside_gathered_parameters(families, monkeypatch)
     monkeypatch.setitem(sys.modules, "deepspeed", fake)
     monkeypatch.setattr("transformers.integrations.is_deepspeed_zero3_enabled", lambda: True)
     path = families["phi"]  # the pad fits inside the matrix: only our write touches the rows
-    tok = train.load_tokenizer(path)
+    tok = models.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    assert utils.add_missing_special_tokens(tok, model) == 1
+    assert models.add_missing_special_tokens(tok, model) == 1
     rows = model.get_input_embeddings().weight.shape
     assert events == [("init", [tuple(rows), tuple(model.get_output_embeddings().weight.shape)], 0), ("enter",),
                       ("exit",)]
     monkeypatch.setattr("transformers.integrations.is_deepspeed_zero3_enabled", lambda: False)
-    assert isinstance(utils.embedding_gather([]), type(__import__("contextlib").nullcontext()))
+    assert isinstance(models.embedding_gather([]), type(__import__("contextlib").nullcontext()))
 
 
 def _todays_tokenize_records(records, tok, max_len):
@@ -206,7 +206,7 @@ def test_llama_opt_tokenization_identical_to_todays_code(arch, tmp_path):
     starting with '{"' whose boundary mismatches (':{"' is one pre-token): found, reported, kept."""
     from examples.make_tiny_models import corpus, train_bpe_tokenizer
 
-    sample = utils.load_records(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "sample_train.json"))
+    sample = record_io.load_records(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "sample_train.json"))
     tok = train_bpe_tokenizer(corpus(sample[:600]), 800, str(tmp_path / "tok"), arch=arch)
     records = sample[:300] + TINY_RECORDS + CHAT_RECORDS
     for max_len in (48, 256):  # 48 truncates most records
@@ -376,7 +376,7 @@ def test_load_errors_are_one_line_and_name_what_is_missing(families, tmp_path, m
     no_tok.mkdir()
     os.symlink(os.path.join(families["llama3"], "config.json"), no_tok / "config.json")
     with pytest.raises(utils.UserError, match="no tokenizer files"):
-        train.load_tokenizer(str(no_tok))
+        models.load_tokenizer(str(no_tok))
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     for f in os.listdir(families["llama3"]):
@@ -392,11 +392,11 @@ def test_load_errors_are_one_line_and_name_what_is_missing(families, tmp_path, m
             os.symlink(os.path.join(families["qwen2"], f), broken / f)
     (broken / "tokenizer.json").write_text('{"model": 3}')
     with pytest.raises(utils.UserError, match="cannot load the tokenizer"):
-        train.load_tokenizer(str(broken))
+        models.load_tokenizer(str(broken))
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if sentencepiece were not installed
     monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
     with pytest.raises(utils.UserError, match="needs the 'sentencepiece' package") as e:
-        train.load_tokenizer(families["llama2"])
+        models.load_tokenizer(families["llama2"])
     assert "\n" not in str(e.value)
 
 
@@ -405,11 +405,11 @@ def test_load_errors_are_one_line_and_name_what_is_missing(families, tmp_path, m
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_dumped_perplexity_equals_reference_for_each_family(families, name):
-    from dump_pplxs import score_pplxs
+    from small2large.scoring import score_pplxs
 
     model, tok = _load(families[name])
     ids, lab = tokenize_records(TINY_RECORDS + CHAT_RECORDS, tok, 256)
-    data = utils.SupervisedData(ids, lab)
+    data = rendering.SupervisedData(ids, lab)
     got, stats = score_pplxs(model, data, tok.pad_token_id, max_tokens=400, progress=False)
     ref = reference_pplxs(model, ids, lab)
     assert stats.n_batches > 1 and max_rel_diff(got, ref) < 1e-5

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from rendering import tokenize_records
+from small2large.dumps import load_pplxs
+from small2large.rendering import SupervisedData, tokenize_records
 from tests._dump_pplxs_helpers import free_port, load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import ROOT, TINY_RECORDS
-from utils import SupervisedData, load_pplxs
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from small2large import embedding
 from tests._dump_pplxs_helpers import load, max_rel_diff, reference_pplxs
 from tests.conftest import ROOT, TINY_RECORDS
 
@@ -21,21 +22,19 @@ pytestmark = pytest.mark.gpu
 
 
 def test_embeddings_on_cuda_equal_the_cpus():
-    import clustering
 
     records = TINY_RECORDS + [{"instruction": "Continue.", "input": "lantern river " * 200, "output": "stone " * 50}]
-    sentences = [clustering.embed_sentence(r) for r in records]
-    path = clustering.default_model_path()
-    cpu = clustering.embed(sentences, path, 32, 256, "cpu")
-    gpu = clustering.embed(sentences, path, 32, 256, "cuda")
+    sentences = [embedding.embed_sentence(r) for r in records]
+    path = embedding.default_model_path()
+    cpu = embedding.embed(sentences, path, 32, 256, "cpu")
+    gpu = embedding.embed(sentences, path, 32, 256, "cuda")
     assert gpu.shape == cpu.shape == (len(records), 384)
     assert float(np.abs(gpu - cpu).max()) < 1e-4
 
 
 def test_scoring_on_cuda_equals_the_cpu_reference_fp32_and_tf32(tiny_llama):
-    from dump_pplxs import score_pplxs
-    from rendering import tokenize_records
-    from utils import SupervisedData
+    from small2large.rendering import SupervisedData, tokenize_records
+    from small2large.scoring import score_pplxs
 
     model, tok = load(tiny_llama)
     data = SupervisedData(*tokenize_records(TINY_RECORDS * 3, tok, 256))

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import dump_pplxs
-from rendering import tokenize_records
+from small2large import scoring
+from small2large.dumps import load_pplxs
+from small2large.rendering import SupervisedData, tokenize_records
 from tests._dump_pplxs_helpers import free_port, load, max_rel_diff, reference_pplxs
 from tests.conftest import ROOT, TINY_RECORDS
-from utils import SupervisedData, load_pplxs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -25,13 +25,13 @@ def test_bf16_scoring_on_gpu(tiny_llama):
     data = SupervisedData(*tokenize_records(TINY_RECORDS * 3, tok, 256))
     ref = reference_pplxs(model, data.input_ids, data.labels)  # float32 on the CPU
     model.cuda()
-    budget = dump_pplxs.default_token_budget(model, "cuda")
-    assert budget > dump_pplxs.CPU_TOKEN_BUDGET  # derived from the free memory, not the CPU value
+    budget = scoring.default_token_budget(model, "cuda")
+    assert budget > scoring.CPU_TOKEN_BUDGET  # derived from the free memory, not the CPU value
     for autocast in (None, lambda: torch.autocast("cuda", dtype=torch.bfloat16)):
-        got, stats = dump_pplxs.score_pplxs(model, data, tok.pad_token_id, autocast=autocast, progress=False)
+        got, stats = scoring.score_pplxs(model, data, tok.pad_token_id, autocast=autocast, progress=False)
         assert stats.logits == "scored" and stats.max_tokens == stats.max_tokens_start == budget
         assert max_rel_diff(got, ref) < (1e-4 if autocast is None else 3e-2)
-    small, _ = dump_pplxs.score_pplxs(model, data, tok.pad_token_id, progress=False, chunk_elements=1000)
+    small, _ = scoring.score_pplxs(model, data, tok.pad_token_id, progress=False, chunk_elements=1000)
     assert max_rel_diff(small, ref) < 1e-4  # chunked cross-entropy on the GPU
 
 

@@ -11,11 +11,12 @@ from transformers import TrainerCallback
 
 import dump_pplxs
 import train
-from rendering import tokenize_records
+from small2large import finetune, models, scoring
+from small2large.dumps import load_pplxs
+from small2large.rendering import tokenize_records
 from tests._dump_pplxs_helpers import max_rel_diff, one_thread_fixture, reference_pplxs
 from tests._families import CHAT_RECORDS, make_family
 from tests.conftest import TINY_RECORDS
-from utils import load_pplxs
 
 RECORDS = TINY_RECORDS[:6] + CHAT_RECORDS
 
@@ -60,8 +61,8 @@ def test_lora_dump_run_scores_the_adapted_model(qwen2, mixed_dataset, tmp_path, 
     assert type(adapted).__name__ == "PeftModelForCausalLM"
     trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert dump_pplxs._supports_logits_to_keep(adapted)  # scored-positions-only logits through peft too
-    base, tok = train.load_model_and_tokenizer(train.ModelArguments(qwen2), train.TrainingArguments(
+    assert scoring._supports_logits_to_keep(adapted)  # scored-positions-only logits through peft too
+    base, tok = models.load_model_and_tokenizer(finetune.ModelArguments(qwen2), finetune.TrainingArguments(
         output_dir=str(tmp_path / "x"), model_max_length=256, report_to="none"))
     ids, lab = tokenize_records(RECORDS, tok, 256)
     base.eval()
@@ -86,7 +87,7 @@ def test_lora_train_saves_adapter_and_merged_model(qwen2, mixed_dataset, tmp_pat
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
     assert "model.safetensors" not in os.listdir(out)  # the adapter alone, not a copy of the base
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
-    base, _ = train.load_model_and_tokenizer(train.ModelArguments(qwen2), train.TrainingArguments(
+    base, _ = models.load_model_and_tokenizer(finetune.ModelArguments(qwen2), finetune.TrainingArguments(
         output_dir=str(tmp_path / "x"), model_max_length=256, report_to="none"))
     adapted = PeftModel.from_pretrained(base, str(out)).eval()
     x = torch.tensor([[5, 17, 42, 99, 7]])
@@ -102,19 +103,19 @@ def test_lora_flags_are_checked():
         train.parse_args(["--data_path", __file__, "--output_dir", "/tmp/x", "--merge_lora", "True"])
     with pytest.raises(SystemExit):
         train.parse_args(["--data_path", __file__, "--output_dir", "/tmp/x", "--lora_r", "-1"])
-    m = train.ModelArguments("x", lora_r=8, lora_target_modules="q_proj, v_proj")
+    m = finetune.ModelArguments("x", lora_r=8, lora_target_modules="q_proj, v_proj")
     assert m.lora_config().target_modules == {"q_proj", "v_proj"} and m.lora_config().r == 8
 
 
 def test_unknown_lora_target_module_is_a_user_error(qwen2, tmp_path):
     from utils import UserError
 
-    margs = train.ModelArguments(qwen2, lora_r=4, lora_target_modules="no_such_proj")
-    targs = train.TrainingArguments(output_dir=str(tmp_path), model_max_length=64, report_to="none")
+    margs = finetune.ModelArguments(qwen2, lora_r=4, lora_target_modules="no_such_proj")
+    targs = finetune.TrainingArguments(output_dir=str(tmp_path), model_max_length=64, report_to="none")
     with pytest.raises(UserError, match="--lora_target_modules no_such_proj"):
-        train.load_model_and_tokenizer(margs, targs)
-    margs = train.ModelArguments(qwen2, lora_r=4, lora_target_modules="q_proj,v_proj")
-    model, _ = train.load_model_and_tokenizer(margs, targs)
+        models.load_model_and_tokenizer(margs, targs)
+    margs = finetune.ModelArguments(qwen2, lora_r=4, lora_target_modules="q_proj,v_proj")
+    model, _ = models.load_model_and_tokenizer(margs, targs)
     names = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"q_proj", "v_proj"}
 

@@ -5,7 +5,7 @@ import pandas as pd
 from _step3_helpers import dump_args, make_workspace
 
 import process_pickle
-from utils import lp1, lp1_approx, truncated_mask
+from small2large.lp import lp1, lp1_approx, truncated_mask
 
 
 def test_lp1_hand_values():

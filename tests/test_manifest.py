@@ -10,9 +10,9 @@ import pytest
 from _step3_helpers import dump_args, make_workspace, write_pickle_plain
 
 import dump_pplxs
-import manifest
 import process_pickle
 import subset
+from small2large import manifest
 from utils import UserError
 
 EPOCHS = {"epoch0": "pre", "epoch1": 1, "epoch2": 2, "epoch3": 3}
@@ -254,9 +254,9 @@ def test_resume_must_keep_the_rendering_and_lora_flags(tiny_dataset, tmp_path, f
             "--report_to", "none", "--lora_r", "4"]
     first = dump_pplxs.parse_args(base)
     run = {"replace": [], "dataset": {"path": tiny_dataset, "sha256": "x"}}
-    m, _ = dump_pplxs._settle_manifest(run, [0] * 12, _Tok(), *first)
-    again = dump_pplxs._settle_manifest({**run, "old": json.loads(json.dumps(m))}, [0] * 12, _Tok(), *first)
+    m, _ = manifest.settle_manifest(run, [0] * 12, _Tok(), *first)
+    again = manifest.settle_manifest({**run, "old": json.loads(json.dumps(m))}, [0] * 12, _Tok(), *first)
     assert again[0]["run_id"] == m["run_id"]   # the same flags resume
     changed = dump_pplxs.parse_args(base + [flag, value])
     with pytest.raises(UserError, match=rf"was made with {key}=.*; this resumed run has {key}="):
-        dump_pplxs._settle_manifest({**run, "old": json.loads(json.dumps(m))}, [0] * 12, _Tok(), *changed)
+        manifest.settle_manifest({**run, "old": json.loads(json.dumps(m))}, [0] * 12, _Tok(), *changed)

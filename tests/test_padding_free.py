@@ -10,17 +10,13 @@ import pytest
 import torch
 
 import train
-from rendering import tokenize_records
+from small2large import finetune, models
+from small2large.batching import DataCollatorForSupervisedDataset, SupervisedDataset
+from small2large.models import add_missing_special_tokens
+from small2large.rendering import SupervisedData, tokenize_records
 from tests._dump_pplxs_helpers import one_thread_fixture
 from tests.conftest import TINY_RECORDS
-from utils import (
-    IGNORE_INDEX,
-    DataCollatorForSupervisedDataset,
-    SupervisedData,
-    SupervisedDataset,
-    UserError,
-    add_missing_special_tokens,
-)
+from utils import IGNORE_INDEX, UserError
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +47,7 @@ def _tokenizer(model_dir):
 
 
 def _args(tmp_path, padding_free, use_cache=False):
-    return train.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+    return finetune.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
                                    gradient_accumulation_steps=2, report_to="none", use_cpu=True,
                                    padding_free=padding_free, use_cache=use_cache)
 
@@ -60,7 +56,7 @@ def _step(model0, tok, data, args):
     """One optimizer step's worth of forward/backward through the Trainer (two micro-batches of 4 records,
     num_items_in_batch counted by the Trainer): returns (summed loss, {name: gradient}, the batches)."""
     model = copy.deepcopy(model0)
-    trainer = train.build_trainer(model, tok, data, args)
+    trainer = finetune.build_trainer(model, tok, data, args)
     ds, collate = SupervisedDataset(data), trainer.data_collator
     batches = [collate([ds[i] for i in range(s, s + 4)]) for s in (0, 4)]
     samples, n_items = trainer.get_batch_samples(iter(batches), 2, trainer.args.device)
@@ -129,10 +125,10 @@ def test_models_that_cannot_pack_are_refused(tiny_opt, tiny_dataset, tmp_path):
     with pytest.raises(UserError, match="--padding_free: OPTForCausalLM .*drop --padding_free"):
         train.main(argv)
     assert not (tmp_path / "o" / "model.safetensors").exists()
-    opt = train.load_model_and_tokenizer(train.ModelArguments(tiny_opt), _args(tmp_path, True))[0]
+    opt = models.load_model_and_tokenizer(finetune.ModelArguments(tiny_opt), _args(tmp_path, True))[0]
     opt.train()
     with pytest.raises(UserError, match="largest logit difference"):
-        train.check_padding_free(opt)
+        models.check_padding_free(opt)
     assert opt.training  # the probe restores the mode it found
     # without --padding_free the same OPT trains as before
     train.main(argv[:-1])
@@ -149,14 +145,14 @@ def test_models_that_pack_pass_the_probe(tiny_llama):
                                                        n_positions=64, bos_token_id=0, eos_token_id=0))
     for model in (_tiny("llama", tok).eval(), _tiny("mistral", tok, "eager"), _tiny("qwen2", tok), gpt2):
         was = model.training
-        train.check_padding_free(model)   # no error
+        models.check_padding_free(model)   # no error
         assert model.training == was
 
 
 @pytest.mark.slow
 def test_dump_pplxs_gives_the_same_dumps_padding_free(tiny_llama, tiny_dataset, tmp_path):
     import dump_pplxs
-    from utils import load_pplxs
+    from small2large.dumps import load_pplxs
 
     def run(tag, *extra):
         argv = ["--model_name_or_path", tiny_llama, "--data_path", tiny_dataset,
@@ -241,6 +237,6 @@ def test_probe_is_skipped_under_deepspeed_zero3(tiny_llama, monkeypatch):
         p.data = torch.empty(0, dtype=p.dtype)   # what a ZeRO-3 rank holds outside GatheredParameters
     assert not any(p.is_meta for p in model.parameters())
     with pytest.raises(UserError, match="--padding_free"):   # ZeRO-3 off: empty weights cannot run the probe
-        train.check_padding_free(model)
+        models.check_padding_free(model)
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
-    train.check_padding_free(model)   # no error, nothing run
+    models.check_padding_free(model)   # no error, nothing run

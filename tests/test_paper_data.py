@@ -69,7 +69,7 @@ def test_published_subsets_are_regenerated(paper_results, dataset, model):
 
 def test_gzip_dataset_is_read_like_the_plain_one(paper_dir, tmp_path):
     """The fixture's datasets are .json.gz; a decompressed copy loads to the same records."""
-    from utils import load_records
+    from small2large.record_io import load_records
 
     src = os.path.join(paper_dir, "dolly", "data.json.gz")
     plain = tmp_path / "dolly.json"

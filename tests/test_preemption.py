@@ -18,11 +18,12 @@ import pytest
 import torch
 
 import dump_pplxs
-import manifest
 import train
+from small2large import checkpoints, claims, manifest
+from small2large.dumps import load_pplxs
 from tests._dump_pplxs_helpers import one_thread_fixture
 from tests.conftest import ROOT, TINY_RECORDS
-from utils import UserError, load_pplxs
+from utils import UserError
 
 # ----------------------------------------------------------------------------------------
 # What counts as a complete checkpoint
@@ -70,17 +71,17 @@ def _cut(path, keep=0.5):
 ])
 def test_checkpoint_problem_names_what_is_missing(tmp_path, damage, why):
     c = make_checkpoint(str(tmp_path), 4)
-    assert train.checkpoint_problem(c) is None
+    assert checkpoints.checkpoint_problem(c) is None
     damage(c)
-    assert why in train.checkpoint_problem(c)
+    assert why in checkpoints.checkpoint_problem(c)
 
 
 def test_checkpoint_problem_save_only_model(tmp_path):
     c = make_checkpoint(str(tmp_path), 4)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         os.remove(os.path.join(c, name))
-    assert train.checkpoint_problem(c, save_only_model=True) is None
-    assert train.checkpoint_problem(c) == "no optimizer state"
+    assert checkpoints.checkpoint_problem(c, save_only_model=True) is None
+    assert checkpoints.checkpoint_problem(c) == "no optimizer state"
 
 
 def test_checkpoint_problem_one_rng_state_per_process(tmp_path, monkeypatch):
@@ -88,13 +89,13 @@ def test_checkpoint_problem_one_rng_state_per_process(tmp_path, monkeypatch):
     trainer_state.json before another rank has written its file."""
     c = make_checkpoint(str(tmp_path), 4)
     os.rename(os.path.join(c, "rng_state.pth"), os.path.join(c, "rng_state_0.pth"))
-    assert train.checkpoint_problem(c, world_size=1) is None
-    assert train.checkpoint_problem(c, world_size=2) == "no rng_state_1.pth"
+    assert checkpoints.checkpoint_problem(c, world_size=1) is None
+    assert checkpoints.checkpoint_problem(c, world_size=2) == "no rng_state_1.pth"
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="no rng_state_1.pth"):
-        train.resolve_resume(_targs(tmp_path, c))
+        checkpoints.resolve_resume(_targs(tmp_path, c))
     torch.save({}, os.path.join(c, "rng_state_1.pth"))
-    assert train.resolve_resume(_targs(tmp_path, c)) == c
+    assert checkpoints.resolve_resume(_targs(tmp_path, c)) == c
 
 
 def _targs(out, value):
@@ -107,21 +108,21 @@ def test_resolve_resume_skips_incomplete_checkpoints(tmp_path, capsys):
     open(os.path.join(bad, "optimizer.pt"), "w").close()  # what the kill of issue 8 left: 0 bytes ...
     os.remove(os.path.join(bad, "trainer_state.json"))  # ... and no trainer_state.json
     make_checkpoint(str(tmp_path), 2)
-    assert train.resolve_resume(_targs(tmp_path, "last")) == ok
+    assert checkpoints.resolve_resume(_targs(tmp_path, "last")) == ok
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "skipping incomplete checkpoint-12: no trainer_state.json" in err and ok in err
     with pytest.raises(UserError, match=r"checkpoint-12 is incomplete \(no trainer_state.json.*newest complete one is "
                                         rf"{ok}$") as e:
-        train.resolve_resume(_targs(tmp_path, bad))
+        checkpoints.resolve_resume(_targs(tmp_path, bad))
     assert "\n" not in str(e.value)  # one line
-    assert train.resolve_resume(_targs(tmp_path, ok)) == ok
+    assert checkpoints.resolve_resume(_targs(tmp_path, ok)) == ok
     for c in (ok, os.path.join(tmp_path, "checkpoint-2")):
         os.remove(os.path.join(c, "scheduler.pt"))
     with pytest.raises(UserError, match=r"no complete checkpoint in .*checkpoint-12: no trainer_state.json \(.*\); "
                                         "checkpoint-10: no scheduler.pt; checkpoint-2: no scheduler.pt"):
-        train.resolve_resume(_targs(tmp_path, "last"))
+        checkpoints.resolve_resume(_targs(tmp_path, "last"))
     with pytest.raises(UserError, match="there is no complete checkpoint beside it"):
-        train.resolve_resume(_targs(tmp_path, bad))
+        checkpoints.resolve_resume(_targs(tmp_path, bad))
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,6 +199,12 @@ def _assert_one_run(dumps, run_id, names):
         assert e["run_id"] == run_id and e["sha256"] == manifest.sha256_file(dumps / name) and not e["partial"]
 
 
+
+def _listing(folder) -> list[str]:
+    """The folder's files, without the claim a killed run leaves behind (.small2large-claim.json)."""
+    return sorted(f for f in os.listdir(folder) if f != claims.CLAIM_FILE)
+
+
 @pytest.mark.slow
 def test_dump_pplxs_killed_while_saving_a_checkpoint(tiny_opt, dataset, uninterrupted, tmp_path, capfd):
     """Killed while the Trainer writes checkpoint-4 (optimizer.pt half written, no trainer_state.json):
@@ -206,10 +213,10 @@ def test_dump_pplxs_killed_while_saving_a_checkpoint(tiny_opt, dataset, uninterr
     argv = _dump_argv(tiny_opt, dataset, tmp_path)
     run_until_hang("dump_pplxs", "save:4", argv, tmp_path / "log")
     out, dumps = tmp_path / "out", tmp_path / "dumps"
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
+    assert _listing(out) == ["checkpoint-2", "checkpoint-4"]
     assert not (out / "checkpoint-4" / "trainer_state.json").exists()
-    assert train.checkpoint_problem(str(out / "checkpoint-4")).startswith("no trainer_state.json")
-    assert sorted(os.listdir(dumps)) == ["epoch-1.pkl", "epoch-pre.pkl", "manifest.json"]  # epoch 1 ended at step 3
+    assert checkpoints.checkpoint_problem(str(out / "checkpoint-4")).startswith("no trainer_state.json")
+    assert _listing(dumps) == ["epoch-1.pkl", "epoch-pre.pkl", "manifest.json"]  # epoch 1 ended at step 3
     run_id = manifest.read_manifest(str(dumps))["run_id"]
     _assert_one_run(dumps, run_id, ["epoch-pre.pkl", "epoch-1.pkl"])
     capfd.readouterr()
@@ -220,10 +227,10 @@ def test_dump_pplxs_killed_while_saving_a_checkpoint(tiny_opt, dataset, uninterr
     assert f"note: skipping incomplete checkpoint-4: no trainer_state.json (the Trainer writes it last: the save was " \
            f"interrupted); resuming from {out}/checkpoint-2" in err
     names = ["epoch-pre.pkl", "epoch-1.pkl", "epoch-2.pkl"]
-    assert sorted(os.listdir(dumps)) == sorted([*names, "manifest.json"])
+    assert _listing(dumps) == sorted([*names, "manifest.json"])
     _assert_dumps_equal(dumps, uninterrupted, names)
     _assert_one_run(dumps, run_id, names)
-    assert train.checkpoint_problem(str(out / "checkpoint-4")) is None  # written again, whole
+    assert checkpoints.checkpoint_problem(str(out / "checkpoint-4")) is None  # written again, whole
 
 
 @pytest.mark.slow
@@ -245,7 +252,7 @@ def test_dump_pplxs_killed_while_writing_a_dump(tiny_opt, dataset, uninterrupted
     assert f"note: {dumps} has no manifest.json: its dumps epoch-pre.pkl are taken as this run's (run {m['run_id']})" \
         in capfd.readouterr().err
     names = ["epoch-pre.pkl", "epoch-1.pkl", "epoch-2.pkl"]
-    assert sorted(os.listdir(dumps)) == sorted([*names, "manifest.json"])  # the temporary file is removed
+    assert _listing(dumps) == sorted([*names, "manifest.json"])  # the temporary file is removed
     _assert_dumps_equal(dumps, uninterrupted, names)
     _assert_one_run(dumps, m["run_id"], names)
     assert [n for n in names if m["files"][n].get("adopted")] == ["epoch-pre.pkl"]

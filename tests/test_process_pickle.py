@@ -12,6 +12,7 @@ import pytest
 from _step3_helpers import dump_args, listdir_all, make_workspace, ref_lp1, ref_lp1_approx
 
 import process_pickle
+from small2large import rankings
 from utils import UserError
 
 
@@ -56,8 +57,8 @@ def test_csv_is_the_papers_format_byte_for_byte(tmp_path, capsys):
 
 
 def test_sample_text_examples():
-    assert process_pickle.sample_text({"instruction": "A", "input": "B", "output": "C"}) == "Instruction: A\nInput: B\nResponse: C"
-    assert process_pickle.sample_text({"instruction": "A", "input": "", "output": "C"}) == "Instruction: A\nResponse: C"
+    assert rankings.sample_text({"instruction": "A", "input": "B", "output": "C"}) == "Instruction: A\nInput: B\nResponse: C"
+    assert rankings.sample_text({"instruction": "A", "input": "", "output": "C"}) == "Instruction: A\nResponse: C"
 
 
 def test_numpy_cluster_numbers_from_a_sklearn_clustering_are_accepted(tmp_path):
@@ -90,7 +91,7 @@ def test_plot_draws_each_metric_and_the_trajectories(tmp_path):
 
     ws = make_workspace(str(tmp_path / "in"), n=400, k=5, ties=False)
     p0, p1, p2, p3 = ws["p"]
-    fig = process_pickle.plot_lp(str(tmp_path / "lp.png"), "m", p0, p1, p2, p3)
+    fig = rankings.plot_lp(str(tmp_path / "lp.png"), "m", p0, p1, p2, p3)
     hist_axes = {ax.get_xlabel().split(" =")[0]: ax for ax in fig.axes[:2]}
     assert sorted(hist_axes) == ["LP(1)", "LP(1)-approx"]
     l1 = np.array(ref_lp1(p0, p1, p3))

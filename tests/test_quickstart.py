@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(ROOT, "data"))
 
 import make_sample  # noqa: E402
 
-from utils import load_records, safe_load_pickle  # noqa: E402
+from small2large.record_io import load_records  # noqa: E402
+from utils import safe_load_pickle  # noqa: E402
 
 N, N_HELDOUT, K, P = 120, 40, 6, 10
 ENV = {
@@ -191,11 +192,11 @@ def test_rerun_reuses_every_step(quickstart):
 @pytest.mark.slow
 def test_score_table_report_and_exclude_unlearned(quickstart):
     """Issue 9's block: the score table, the report, and a subset without the unlearned records."""
-    import scores
+    from small2large import score_table
 
     _, run, out = quickstart
     train, _, _ = _inputs(run)
-    df, _ = scores.read_score_table(os.path.join(run, "l1-rankings", "selector-scores.parquet"), train)
+    df, _ = score_table.read_score_table(os.path.join(run, "l1-rankings", "selector-scores.parquet"), train)
     flagged = df["unlearned"].to_numpy()
     assert flagged.sum() >= K   # at least one per cluster (ceil of 5%)
     sub = load_records(os.path.join(run, "subsets", f"{P}_low_lp1-selector-nounlearned.json"))

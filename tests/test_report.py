@@ -12,8 +12,9 @@ from _step3_helpers import ref_split
 from scipy import stats
 
 import report
-import scores
-from utils import UserError, load_pplxs, run_cli
+from small2large import report_stats, score_table
+from small2large.dumps import load_pplxs
+from utils import UserError, run_cli
 
 N_SEL = 3
 
@@ -35,9 +36,9 @@ def _case(tmp_path, n=240, seed=0):
         p1 = np.round(p0 - frac * (p0 - p3), 2)
         p2 = (p1 + p3) / 2
         p0[5] = p1[5] = p2[5] = p3[5] = 1.0   # a truncated record: LP(1) = 0 for all, a tie
-        df = scores.build_score_table(records, labels, [p0, p1, p2, p3])
+        df = score_table.build_score_table(records, labels, [p0, p1, p2, p3])
         path = str(tmp_path / f"sel{s}-scores.parquet")
-        scores.write_score_table(path, df, scores.table_meta(df, f"sel{s}"))
+        score_table.write_score_table(path, df, score_table.table_meta(df, f"sel{s}"))
         paths.append(path)
         lp1s.append(df["lp1"].to_numpy())
     data = tmp_path / "data.json"
@@ -122,9 +123,9 @@ def test_exact_within_kendall_equals_scipy_for_a_large_cluster(monkeypatch):
     rng = np.random.default_rng(1)
     x = np.round(rng.normal(size=(60, 3)), 1)
     labels = np.zeros(60, np.int64)
-    a = report.within_cluster_correlations(x, labels)
-    monkeypatch.setattr(report, "WITHIN_EXACT_MAX", 10)
-    b = report.within_cluster_correlations(x, labels)
+    a = report_stats.within_cluster_correlations(x, labels)
+    monkeypatch.setattr(report_stats, "WITHIN_EXACT_MAX", 10)
+    b = report_stats.within_cluster_correlations(x, labels)
     assert a[1] == pytest.approx(b[1], abs=1e-12) and a[2] == b[2] == 1
     assert a[1][0, 1] == pytest.approx(stats.kendalltau(x[:, 0], x[:, 1]).statistic, abs=1e-12)
 
@@ -143,8 +144,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     paths, x, labels, records, data = _case(tmp_path)
     other = [dict(r) for r in records]
     other[3]["output"] = "changed"
-    df = scores.build_score_table(other, labels, [np.full(len(other), 3.0), np.full(len(other), 2.0)])
-    scores.write_score_table(str(tmp_path / "other.parquet"), df, scores.table_meta(df, "other"))
+    df = score_table.build_score_table(other, labels, [np.full(len(other), 3.0), np.full(len(other), 2.0)])
+    score_table.write_score_table(str(tmp_path / "other.parquet"), df, score_table.table_meta(df, "other"))
     with pytest.raises(UserError, match="describe different records"):
         report.main(["--scores", paths[0], str(tmp_path / "other.parquet"), "--output_dir", str(tmp_path / "r")])
     with pytest.raises(UserError, match="two score tables are named 'sel0'"):
@@ -167,8 +168,8 @@ def test_a_two_dump_table_is_reported_without_lp1(tmp_path):
     paths, x, labels, records, data = _case(tmp_path)
     rng = np.random.default_rng(3)
     p0 = np.exp(rng.normal(2, 0.3, len(labels)))
-    df = scores.build_score_table(records, labels, [p0, p0 * rng.uniform(0.2, 0.9, len(labels))])
-    scores.write_score_table(str(tmp_path / "cheap.parquet"), df, scores.table_meta(df, "cheap"))
+    df = score_table.build_score_table(records, labels, [p0, p0 * rng.uniform(0.2, 0.9, len(labels))])
+    score_table.write_score_table(str(tmp_path / "cheap.parquet"), df, score_table.table_meta(df, "cheap"))
     nums = report.main(["--scores", paths[0], str(tmp_path / "cheap.parquet"), "--output_dir", str(tmp_path / "r"),
                         "--no-figures"])
     assert "spearman" not in nums   # one selector with LP(1): nothing to compare
@@ -221,9 +222,9 @@ def test_paper_matrix_entries(paper_dir):
             p.append(load_pplxs(os.path.join(paper_dir, "dolly", "dump-pplxs", m, f"epoch-{e}.pkl")))
         x.append(np.where(p[0] != p[3], (p[0] - p[1]) / np.where(p[0] != p[3], p[0] - p[3], 1.0), 0.0))
     x = np.stack(x, axis=1)
-    sp = report.spearman_matrix(x)
-    subs = [report.lowest_subset(labels, x[:, i], 10) for i in range(3)]
-    jac, _ = report.overlap_matrices(subs, len(labels))
+    sp = report_stats.spearman_matrix(x)
+    subs = [report_stats.lowest_subset(labels, x[:, i], 10) for i in range(3)]
+    jac, _ = report_stats.overlap_matrices(subs, len(labels))
     readme = {("opt-350m", "opt-13b"): (0.77, 0.41), ("opt-350m", "llama2-7b"): (0.73, 0.36),
               ("opt-13b", "llama2-7b"): (0.85, 0.46)}
     for (a, b), (want_sp, want_j) in readme.items():

@@ -145,7 +145,7 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path, ws):
 
 
 def test_load_clustering_rejects_bad_labels(tmp_path):
-    from clustering import load_clustering
+    from small2large.dumps import load_clustering
 
     p = str(tmp_path / "c.pkl")
     for obj, match in (([{"cluster_num": -1}], "record 0"), ([{"embed_sentence": "x"}], "record 0"),

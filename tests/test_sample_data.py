@@ -15,7 +15,7 @@ sys.path.insert(0, DATA)
 
 import make_sample  # noqa: E402
 
-from utils import load_records  # noqa: E402
+from small2large.record_io import load_records  # noqa: E402
 
 
 @pytest.fixture(scope="module")

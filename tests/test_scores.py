@@ -22,13 +22,14 @@ from _step3_helpers import (
 )
 
 import process_pickle
-import scores
 import subset
-from utils import UserError, lp1
+from small2large import lp, models, rendering, score_table
+from small2large.lp import lp1
+from utils import UserError
 
 
 def test_doctests():
-    assert doctest.testmod(scores).failed == 0
+    assert sum(doctest.testmod(m).failed for m in (score_table, lp)) == 0
 
 
 def _run_pp(ws, out, *extra, epochs=4):
@@ -53,7 +54,7 @@ def _ref_top_share(labels, ratio, trunc, share):
 def test_table_columns_against_per_record_reference(tmp_path):
     ws = make_workspace(str(tmp_path / "in"), n=90, k=4)
     _run_pp(ws, tmp_path / "rk")
-    df, meta = scores.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"), ws["records"])
+    df, meta = score_table.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"), ws["records"])
     p0, p1, p2, p3 = ws["p"]
     n = len(p0)
     assert meta["model_name"] == "m" and meta["n_dumps"] == 4 and meta["unlearned"] == {"rule": "top_share", "top_share": 0.05}
@@ -92,7 +93,7 @@ def test_ratio_rule_and_ifd_columns(tmp_path):
     with open(tmp_path / "np.pkl", "wb") as f:
         pickle.dump(noprompt.tolist(), f)
     _run_pp(ws, tmp_path / "rk", "--unlearned_ratio", "0.5", "--noprompt", str(tmp_path / "np.pkl"))
-    df, meta = scores.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"))
+    df, meta = score_table.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"))
     trunc = df["truncated"].to_numpy()
     ratio = ws["p"][3] / p0
     assert df["unlearned"].tolist() == ((ratio >= 0.5) & ~trunc).tolist()
@@ -108,7 +109,7 @@ def test_fewer_dumps_write_the_table_only(tmp_path, epochs, capsys):
     assert listdir_all(str(tmp_path / "rk")) == ["m-scores.parquet"]
     assert path.endswith("m-scores.parquet")
     assert "no CSV" in capsys.readouterr().out
-    df, meta = scores.read_score_table(path, ws["records"])
+    df, meta = score_table.read_score_table(path, ws["records"])
     assert meta["n_dumps"] == epochs
     assert [c for c in df.columns if c[0] == "p" and c[1:].isdigit()] == [f"p{i}" for i in range(epochs)]
     assert ("lp1_approx" in df) == (epochs >= 2)
@@ -132,30 +133,30 @@ def test_read_score_table_rejects_bad_tables(tmp_path):
     _run_pp(ws, tmp_path / "rk")
     path = str(tmp_path / "rk" / "m-scores.parquet")
     with pytest.raises(UserError, match="no such file"):
-        scores.read_score_table(str(tmp_path / "nope.parquet"))
+        score_table.read_score_table(str(tmp_path / "nope.parquet"))
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(UserError, match="not a readable Parquet"):
-        scores.read_score_table(str(tmp_path / "junk.parquet"))
-    df, meta = scores.read_score_table(path)
+        score_table.read_score_table(str(tmp_path / "junk.parquet"))
+    df, meta = score_table.read_score_table(path)
     df.to_parquet(tmp_path / "plain.parquet")   # no metadata: not ours
     with pytest.raises(UserError, match="not a score table"):
-        scores.read_score_table(str(tmp_path / "plain.parquet"))
+        score_table.read_score_table(str(tmp_path / "plain.parquet"))
     bad = df.copy()
     bad.loc[3, "lp1"] += 1e-12
-    scores.write_score_table(str(tmp_path / "bad.parquet"), bad, meta)
+    score_table.write_score_table(str(tmp_path / "bad.parquet"), bad, meta)
     with pytest.raises(UserError, match="lp1 differs"):
-        scores.read_score_table(str(tmp_path / "bad.parquet"))
+        score_table.read_score_table(str(tmp_path / "bad.parquet"))
     other = [dict(r) for r in ws["records"]]
     other[7]["output"] += "!"
     with pytest.raises(UserError, match="record 7 differs"):
-        scores.read_score_table(path, other)
+        score_table.read_score_table(path, other)
     with pytest.raises(UserError, match="length mismatch"):
-        scores.read_score_table(path, ws["records"][:-1])
+        score_table.read_score_table(path, ws["records"][:-1])
     bad = df.copy()
     bad.loc[0, "p2"] = -1.0
-    scores.write_score_table(str(tmp_path / "neg.parquet"), bad, meta)
+    score_table.write_score_table(str(tmp_path / "neg.parquet"), bad, meta)
     with pytest.raises(UserError, match="record 0 has perplexity -1.0"):
-        scores.read_score_table(str(tmp_path / "neg.parquet"))
+        score_table.read_score_table(str(tmp_path / "neg.parquet"))
 
 
 def test_table_write_is_atomic(tmp_path, monkeypatch):
@@ -204,7 +205,7 @@ def test_metric_any_column_and_order_high_match_reference(tmp_path):
     ws = make_workspace(str(tmp_path / "in"), n=120, k=4, ties=False)
     _run_pp(ws, tmp_path / "rk")
     table = str(tmp_path / "rk" / "m-scores.parquet")
-    df, _ = scores.read_score_table(table)
+    df, _ = score_table.read_score_table(table)
     for metric, order in (("lp2", "low"), ("p0", "high"), ("len_response", "high")):
         out = subset.main(["--dataset", ws["paths"]["dataset"], "--scores", table, "--metric", metric, "--order", order,
                            "--percentage", "25", "--output_dir", str(tmp_path / metric)])
@@ -236,7 +237,7 @@ def test_exclude_unlearned(tmp_path, capsys):
     ws = make_workspace(str(tmp_path / "in"), n=200, k=4)
     _run_pp(ws, tmp_path / "rk")
     table = str(tmp_path / "rk" / "m-scores.parquet")
-    df, _ = scores.read_score_table(table)
+    df, _ = score_table.read_score_table(table)
     flagged = df["unlearned"].to_numpy()
     assert 10 <= flagged.sum() <= 20
     l1 = df["lp1"].to_numpy()
@@ -297,19 +298,19 @@ def test_tokenize_responses(tiny_llama, tiny_opt):
 
     recs = [{"instruction": "Add.", "input": "2 and 3", "output": "The sum is 5."},
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}]
-    from rendering import tokenize_records
+    from small2large.rendering import tokenize_records
     from utils import IGNORE_INDEX
 
     for path in (tiny_llama, tiny_opt):
         tok = AutoTokenizer.from_pretrained(path)
-        ids, labels = scores.tokenize_responses(recs, tok, 64)
+        ids, labels = rendering.tokenize_responses(recs, tok, 64)
         assert ids == labels
         # Alpaca: output + eos with the tokenizer's bos; chat: the prompted pass's scored tokens after the bos
         scored = [t for t in tokenize_records(recs[1:], tok, 512)[1][0] if t != IGNORE_INDEX]
         assert ids == [list(tok("The sum is 5." + tok.eos_token)["input_ids"]), [tok.bos_token_id] + scored]
         assert tok.decode(scored) == "Hello there" + tok.eos_token   # the built-in template: content + eos
         assert ids[0][-1] == tok.eos_token_id
-        ids, _ = scores.tokenize_responses(recs, tok, 3)
+        ids, _ = rendering.tokenize_responses(recs, tok, 3)
         assert [len(x) for x in ids] == [3, 3]   # truncated at model_max_length
 
 
@@ -340,10 +341,10 @@ def _one_thread():
 
 def test_score_only_dumps_p0_and_noprompt_without_training(tiny_llama, tiny_dataset, tmp_path, _one_thread):
     import dump_pplxs
-    from rendering import tokenize_records
+    from small2large.dumps import load_pplxs
+    from small2large.rendering import tokenize_records
     from tests._dump_pplxs_helpers import load, max_rel_diff, reference_pplxs
     from tests.conftest import TINY_RECORDS
-    from utils import load_pplxs
 
     written = dump_pplxs.main(_dump_argv(tiny_llama, tiny_dataset, tmp_path, 3, "--score_only", "True",
                                          "--dump_noprompt", "pre"))
@@ -364,25 +365,25 @@ def test_score_only_dumps_p0_and_noprompt_without_training(tiny_llama, tiny_data
     assert max_rel_diff(list(p0), with_prompt) < 1e-5
     assert max_rel_diff(list(p0_np), alone) < 1e-5
     # the table's IFD from these two dumps
-    df = scores.build_score_table(TINY_RECORDS, np.zeros(len(TINY_RECORDS), np.int64), [p0], noprompt=p0_np)
+    df = score_table.build_score_table(TINY_RECORDS, np.zeros(len(TINY_RECORDS), np.int64), [p0], noprompt=p0_np)
     assert max_rel_diff(df["ifd"].tolist(), [a / b for a, b in zip(with_prompt, alone)]) < 2e-5
 
 
 def test_noprompt_dumps_at_the_chosen_epochs_of_a_training_run(tiny_opt, tiny_dataset, tmp_path, _one_thread):
     import dump_pplxs
+    from small2large.dumps import load_pplxs
     from tests._dump_pplxs_helpers import load, max_rel_diff, reference_pplxs
     from tests.conftest import TINY_RECORDS
-    from utils import load_pplxs
 
     dump_pplxs.main(_dump_argv(tiny_opt, tiny_dataset, tmp_path, 2, "--dump_noprompt", "2"))
     assert listdir_all(str(tmp_path / "dumps")) == ["epoch-1.pkl", "epoch-2.pkl", "epoch-pre.pkl", "manifest.json",
                                                        os.path.join("noprompt", "epoch-2.pkl")]
     model, tok = load(str(tmp_path / "out"))   # the model after the last epoch (saved at the end)
-    ids, _ = scores.tokenize_responses(TINY_RECORDS, tok, 256)
+    ids, _ = rendering.tokenize_responses(TINY_RECORDS, tok, 256)
     assert ids[0][0] == tok.bos_token_id   # OPT adds its bos: the first response token is scored given it
     got = load_pplxs(tmp_path / "dumps" / "noprompt" / "epoch-2.pkl")
     assert max_rel_diff(list(got), reference_pplxs(model, ids, ids)) < 1e-4
-    import manifest
+    from small2large import manifest
 
     d = tmp_path / "dumps"
     entry = manifest.read_manifest(str(d))["files"]["noprompt/epoch-2.pkl"]
@@ -408,7 +409,7 @@ def test_response_tokens_with_a_tokenizer(tiny_llama, tmp_path):
 
     ws = make_workspace(str(tmp_path / "in"), n=20, k=2)
     _run_pp(ws, tmp_path / "rk", "--tokenizer", tiny_llama)
-    df, _ = scores.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"))
+    df, _ = score_table.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"))
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     assert df["len_response_tokens"].tolist() == [len(tok(r["output"], add_special_tokens=False)["input_ids"])
                                                   for r in ws["records"]]
@@ -419,15 +420,14 @@ def test_response_tokens_with_a_tokenizer(tiny_llama, tmp_path):
 def test_response_tokens_with_the_selectors_tokenizer_loading(tmp_path):
     """--tokenizer is read as train.py reads --model_name_or_path: a folder holding only a SentencePiece
     tokenizer.model is Llama-2's tokenizer (AutoTokenizer reads it otherwise); any failure is one line."""
-    import train
     from tests._families import make_tokenizer
 
     ws = make_workspace(str(tmp_path / "in"), n=20, k=2)
     sp = str(tmp_path / "llama2")
     make_tokenizer("llama2", sp)
     _run_pp(ws, tmp_path / "rk", "--tokenizer", sp)
-    df, _ = scores.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"))
-    tok = train.load_tokenizer(sp)
+    df, _ = score_table.read_score_table(str(tmp_path / "rk" / "m-scores.parquet"))
+    tok = models.load_tokenizer(sp)
     assert df["len_response_tokens"].tolist() == [len(tok(r["output"], add_special_tokens=False)["input_ids"])
                                                   for r in ws["records"]]
     bad = tmp_path / "bad"
@@ -439,12 +439,12 @@ def test_response_tokens_with_the_selectors_tokenizer_loading(tmp_path):
 
 def test_len_response_is_the_csv_definition():
     """One definition of a record's response text (data.alpaca_text's output, the CSV's len_response)."""
-    from data import alpaca_text
+    from small2large.record_io import alpaca_text
 
     chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
     alpaca = {"instruction": "Add.", "input": "", "output": "five"}
-    df = scores.build_score_table([chat, alpaca], [0, 0], [[2.0, 3.0]])
+    df = score_table.build_score_table([chat, alpaca], [0, 0], [[2.0, 3.0]])
     assert df["len_response"].tolist() == [len("Yo\nCiao"), 4] == [len(alpaca_text(r)["output"]) for r in (chat, alpaca)]
 
 
@@ -453,13 +453,12 @@ def test_noprompt_tokens_are_the_prompted_scored_tokens(tmp_path, family):
     """With a chat template the prompted pass scores content + end-of-turn marker (<|im_end|>, <|eot_id|>):
     the no-prompt pass scores the same tokens (after the bos where the tokenizer adds one), also where
     eos is not the end-of-turn marker (a Qwen2.5 base tokenizer's eos is <|endoftext|>)."""
-    import train
-    from rendering import RenderOptions, tokenize_records
+    from small2large.rendering import RenderOptions, tokenize_records
     from tests._families import CHAT_RECORDS, make_tokenizer
     from utils import IGNORE_INDEX
 
     make_tokenizer(family, str(tmp_path / "tok"))
-    tok = train.load_tokenizer(str(tmp_path / "tok"))
+    tok = models.load_tokenizer(str(tmp_path / "tok"))
     if family == "qwen2":
         tok.eos_token = "<|endoftext|>"
     marker = {"qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}[family]
@@ -467,7 +466,7 @@ def test_noprompt_tokens_are_the_prompted_scored_tokens(tmp_path, family):
     recs = CHAT_RECORDS + [{"instruction": "Add.", "input": "", "output": "56"}]
     for opts in (RenderOptions(), RenderOptions(alpaca_as_chat=True)):
         ids, labels = tokenize_records(recs, tok, 256, opts)
-        np_ids, np_labels = scores.tokenize_responses(recs, tok, 256, opts)
+        np_ids, np_labels = rendering.tokenize_responses(recs, tok, 256, opts)
         assert np_ids == np_labels
         bos = [tok.bos_token_id] if family == "llama3" else []
         for i, r in enumerate(recs):

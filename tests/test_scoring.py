@@ -7,18 +7,12 @@ import random
 import pytest
 import torch
 
-from dump_pplxs import (
-    length_sorted_batches,
-    padding_share,
-    per_sample_loss,
-    record_losses,
-    score_pplxs,
-    shard_batches,
-)
-from rendering import tokenize_records
+from small2large.batching import length_sorted_batches, padding_share, shard_batches
+from small2large.rendering import SupervisedData, tokenize_records
+from small2large.scoring import per_sample_loss, record_losses, score_pplxs
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
-from utils import IGNORE_INDEX, SupervisedData
+from utils import IGNORE_INDEX
 
 
 @pytest.fixture(autouse=True)

@@ -23,9 +23,9 @@ from _step3_helpers import (
     write_pickle_plain,
 )
 
-import data
 import process_pickle
 import subset
+from small2large import lp, record_io, selection, subset_files
 from utils import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -37,55 +37,55 @@ def test_chunk_bounds_matches_numpy_array_split():
         for n in range(0, 230):
             parts = np.array_split(np.arange(n), k)
             for part in range(min(k, 3)):
-                start, length = subset.chunk_bounds(n, k, part)
+                start, length = selection.chunk_bounds(n, k, part)
                 assert (start, length) == ((parts[part][0] if len(parts[part]) else start), len(parts[part]))
                 assert np.array_equal(np.arange(n)[start:start + length], parts[part])
     # vectorised form gives the same as the scalar one
     ns = np.arange(0, 300)
-    s, ln = subset.chunk_bounds(ns, 3, 1)
-    assert [(int(a), int(b)) for a, b in zip(s, ln)] == [subset.chunk_bounds(int(n), 3, 1) for n in ns]
+    s, ln = selection.chunk_bounds(ns, 3, 1)
+    assert [(int(a), int(b)) for a, b in zip(s, ln)] == [selection.chunk_bounds(int(n), 3, 1) for n in ns]
 
 
 def test_chunk_bounds_hand_values():
-    assert [subset.chunk_bounds(10, 3, p) for p in range(3)] == [(0, 4), (4, 3), (7, 3)]   # 10 = 4 + 3 + 3
-    assert [subset.chunk_bounds(11, 3, p) for p in range(3)] == [(0, 4), (4, 4), (8, 3)]   # 11 = 4 + 4 + 3
-    assert [subset.chunk_bounds(2, 3, p) for p in range(3)] == [(0, 1), (1, 1), (2, 0)]    # smaller than k
-    assert subset.chunk_bounds(1, 100, 0) == (0, 1)   # every cluster keeps >= 1 record
-    assert subset.chunk_bounds(101, 100, 0) == (0, 2)
+    assert [selection.chunk_bounds(10, 3, p) for p in range(3)] == [(0, 4), (4, 3), (7, 3)]   # 10 = 4 + 3 + 3
+    assert [selection.chunk_bounds(11, 3, p) for p in range(3)] == [(0, 4), (4, 4), (8, 3)]   # 11 = 4 + 4 + 3
+    assert [selection.chunk_bounds(2, 3, p) for p in range(3)] == [(0, 1), (1, 1), (2, 0)]    # smaller than k
+    assert selection.chunk_bounds(1, 100, 0) == (0, 1)   # every cluster keeps >= 1 record
+    assert selection.chunk_bounds(101, 100, 0) == (0, 2)
     with pytest.raises(UserError):
-        subset.chunk_bounds(5, 2, 2)
+        selection.chunk_bounds(5, 2, 2)
 
 
 def test_num_chunks_table_and_coarse_percentages():
-    assert [subset.num_chunks(p) for p in subset.SPLITS] == [3, 4, 10, 20, 33, 100]
-    assert {subset.num_chunks(p) for p in range(41, 67)} == {2}
-    assert {subset.num_chunks(p) for p in range(67, 101)} == {1}
-    assert subset.num_chunks(34) == 3 and subset.num_chunks(2) == 50
+    assert [selection.num_chunks(p) for p in selection.SPLITS] == [3, 4, 10, 20, 33, 100]
+    assert {selection.num_chunks(p) for p in range(41, 67)} == {2}
+    assert {selection.num_chunks(p) for p in range(67, 101)} == {1}
+    assert selection.num_chunks(34) == 3 and selection.num_chunks(2) == 50
 
 
 def test_exact_allocation_hand_values_and_properties():
-    assert subset.exact_allocation([5, 3, 2], 3).tolist() == [1, 1, 1]      # quotas 1.5, .9, .6
-    assert subset.exact_allocation([50, 30, 20], 10).tolist() == [5, 3, 2]
-    assert subset.exact_allocation([1, 1, 1, 1], 2).tolist() == [1, 1, 0, 0]  # equal remainders: lower cluster first
-    assert subset.exact_allocation([4, 0, 6], 10).tolist() == [4, 0, 6]
+    assert selection.exact_allocation([5, 3, 2], 3).tolist() == [1, 1, 1]      # quotas 1.5, .9, .6
+    assert selection.exact_allocation([50, 30, 20], 10).tolist() == [5, 3, 2]
+    assert selection.exact_allocation([1, 1, 1, 1], 2).tolist() == [1, 1, 0, 0]  # equal remainders: lower cluster first
+    assert selection.exact_allocation([4, 0, 6], 10).tolist() == [4, 0, 6]
     rng = np.random.default_rng(1)
     for _ in range(200):
         sizes = rng.integers(0, 40, rng.integers(1, 30))
         if sizes.sum() == 0:
             continue
         b = int(rng.integers(0, sizes.sum() + 1))
-        a = subset.exact_allocation(sizes, b)
+        a = selection.exact_allocation(sizes, b)
         quota = sizes * b / sizes.sum()
         assert a.sum() == b and (a <= sizes).all() and (a >= 0).all()
         assert (np.abs(a - quota) < 1).all()  # largest remainder: floor or ceil of the quota
     with pytest.raises(UserError):
-        subset.exact_allocation([2, 2], 5)
+        selection.exact_allocation([2, 2], 5)
 
 
 def test_sort_members_breaks_ties_by_dataset_index():
     cluster = np.array([0, 1, 0, 0, 1, 0])
     metric = np.array([0.5, 0.1, 0.5, 0.2, 0.1, 0.5])
-    order, starts, sizes = subset.sort_members(cluster, metric)
+    order, starts, sizes = selection.sort_members(cluster, metric)
     assert order.tolist() == [3, 0, 2, 5, 1, 4] and starts.tolist() == [0, 4] and sizes.tolist() == [4, 2]
 
 
@@ -93,9 +93,9 @@ def test_selection_matches_reference_loop_on_every_split(tmp_path):
     ws = make_workspace(str(tmp_path), n=400, k=9, ties=True)
     labels, (p0, p1, _, p3) = ws["labels"], ws["p"]
     metrics = {"lp1": np.array(ref_lp1(p0, p1, p3)), "lp1_approx": np.array(ref_lp1_approx(p0, p1))}
-    ranking = subset.Ranking(labels, metrics, None, "m")
-    splits = [subset.Split(kind, p, part) for kind in ("lp1", "lp1_approx") for p, part in SPLIT_LIST]
-    got = subset.select(ranking, splits, exact=False, exclude_truncated=False, n_records=len(labels), interface_a=True)
+    ranking = selection.Ranking(labels, metrics, None, "m")
+    splits = [selection.Split(kind, p, part) for kind in ("lp1", "lp1_approx") for p, part in SPLIT_LIST]
+    got = selection.select(ranking, splits, exact=False, exclude_truncated=False, n_records=len(labels), every_split=True)
     for s, idx in zip(splits, got):
         assert idx.tolist() == ref_split(labels, metrics[s.kind], s.percentage, s.part), s
 
@@ -104,17 +104,17 @@ def test_clust_rand_matches_reference_stream(tmp_path):
     ws = make_workspace(str(tmp_path), n=300, k=6)
     labels, (p0, p1, _, p3) = ws["labels"], ws["p"]
     l1 = np.array(ref_lp1(p0, p1, p3))
-    ranking = subset.Ranking(labels, {"lp1": l1}, None, "m")
-    pcts = list(subset.SPLITS)
-    splits = [subset.Split("clust_rand", p) for p in pcts]
+    ranking = selection.Ranking(labels, {"lp1": l1}, None, "m")
+    pcts = list(selection.SPLITS)
+    splits = [selection.Split("clust_rand", p) for p in pcts]
     # (a): one stream, per cluster the six draws in the order 33, 25, 10, 5, 3, 1
-    got = subset.select(ranking, splits, False, False, len(labels), interface_a=True)
+    got = selection.select(ranking, splits, False, False, len(labels), every_split=True)
     ref = ref_clust_rand(labels, l1, pcts)
     for p, idx in zip(pcts, got):
         assert idx.tolist() == ref[p]
     # (b): one draw per cluster per run
     for p in (10, 1):
-        (idx,) = subset.select(ranking, [subset.Split("clust_rand", p)], False, False, len(labels), interface_a=False)
+        (idx,) = selection.select(ranking, [selection.Split("clust_rand", p)], False, False, len(labels), every_split=False)
         assert idx.tolist() == ref_clust_rand(labels, l1, [p])[p]
     assert ref_clust_rand(labels, l1, [10])[10] != ref[10]  # the two interfaces really differ
 
@@ -125,11 +125,11 @@ def test_selection_is_invariant_to_dataset_order_without_ties(tmp_path):
     labels = rng.integers(0, 8, n)
     metric = rng.normal(size=n)
     perm = rng.permutation(n)
-    r1 = subset.Ranking(labels, {"lp1": metric}, None, "m")
-    r2 = subset.Ranking(labels[perm], {"lp1": metric[perm]}, None, "m")
+    r1 = selection.Ranking(labels, {"lp1": metric}, None, "m")
+    r2 = selection.Ranking(labels[perm], {"lp1": metric[perm]}, None, "m")
     for p, part in SPLIT_LIST:
-        a = subset.select(r1, [subset.Split("lp1", p, part)], False, False, n, True)[0]
-        b = subset.select(r2, [subset.Split("lp1", p, part)], False, False, n, True)[0]
+        a = selection.select(r1, [selection.Split("lp1", p, part)], False, False, n, True)[0]
+        b = selection.select(r2, [selection.Split("lp1", p, part)], False, False, n, True)[0]
         assert a.tolist() == perm[b].tolist()
 
 
@@ -139,9 +139,9 @@ def test_records_json_equals_json_dumps():
             {"instruction": "b", "input": "c", "output": 5}, {"instruction": "日本", "input": "\u2028", "output": "🙂"}]
     for need in (range(len(recs)), [5, 0], [2, 3], [3], [0, 6, 1], [7, 1]):
         need = list(need)
-        el = subset.record_elements(recs, need)
+        el = subset_files.record_elements(recs, need)
         for idx in ([], need, need[::-1] + need):
-            assert subset.records_json(el, idx) == json.dumps([recs[i] for i in idx], indent=4)
+            assert subset_files.records_json(el, idx) == json.dumps([recs[i] for i in idx], indent=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_interface_a_reads_the_papers_csv_format(tmp_path):
     out = str(tmp_path / "out")
     res = subset.main(["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", str(path), "--lp1", "--output_dir", out])
     assert os.path.join(out, f"10_low_lp1-{m}.json") in res
-    ranking = subset.read_ranking_csv(str(path), 90, "d")
+    ranking = selection.read_ranking_csv(str(path), 90, "d")
     assert ranking.model_name == m
     assert res[os.path.join(out, f"1_low_lp1-{m}.json")].tolist() == ref_split(ws["labels"], ranking.metrics["lp1"], 1, "low")
 
@@ -210,8 +210,8 @@ def test_csv_round_trip_keeps_float64_exactly(tmp_path):
     write_pickle_plain(ws["paths"]["epoch0"], p0.tolist())
     rk = str(tmp_path / "rk")
     path = process_pickle.main(dump_args(ws["paths"], "--model_name", "m", "--output_dir", rk))
-    r = subset.read_ranking_csv(path, 300, "d")
-    assert np.array_equal(r.metrics["lp1"], subset.lp1(p0, p1, p3))            # bit for bit
+    r = selection.read_ranking_csv(path, 300, "d")
+    assert np.array_equal(r.metrics["lp1"], lp.lp1(p0, p1, p3))            # bit for bit
     assert np.array_equal(r.metrics["lp1_approx"], (p0 - p1) / p0)
     assert np.array_equal(r.cluster, ws["labels"])
     df = pd.read_csv(path)
@@ -293,7 +293,7 @@ def test_exact_hits_the_requested_share(tmp_path, capsys):
     for p in (1, 3, 5, 10, 25, 33):
         idx = res[os.path.join(out, f"{p}_low_lp1-m-exact.json")]
         assert len(idx) == round(p * 10)  # p% of 1000
-        alloc = subset.exact_allocation(sizes[sizes > 0], round(p * 10))
+        alloc = selection.exact_allocation(sizes[sizes > 0], round(p * 10))
         got = np.bincount(labels[idx], minlength=len(sizes))[sizes > 0]
         assert got.tolist() == alloc.tolist()
         # each cluster keeps its lowest-LP members (ties by index)
@@ -304,7 +304,7 @@ def test_exact_hits_the_requested_share(tmp_path, capsys):
         assert idx.tolist() == want
         assert len(res[os.path.join(out, f"{p}_clust_rand-m-exact.json")]) == round(p * 10)
     # 33% mid / high: per cluster the central / highest members, as many as the exact allocation gives it
-    alloc = subset.exact_allocation(sizes[sizes > 0], 330)
+    alloc = selection.exact_allocation(sizes[sizes > 0], 330)
     recs = read_json(ws["paths"]["dataset"])
     for part in ("mid", "high"):
         name = f"33_{part}_lp1-m-exact.json"
@@ -320,7 +320,7 @@ def test_exact_hits_the_requested_share(tmp_path, capsys):
         assert got == want and len(got) == 330
         assert read_json(os.path.join(out, name)) == [recs[i] for i in want]   # the file holds these records
     # the paper's rule overshoots on the same data
-    paper = subset.select(subset.Ranking(labels, {"lp1": l1}, None, "m"), [subset.Split("lp1", 1)], False, False, 1000, True)[0]
+    paper = selection.select(selection.Ranking(labels, {"lp1": l1}, None, "m"), [selection.Split("lp1", 1)], False, False, 1000, True)[0]
     assert len(paper) > 10
 
 
@@ -353,7 +353,7 @@ def test_no_partial_output_when_building_fails(tmp_path, monkeypatch):
     ws = make_workspace(str(tmp_path / "in"), n=100, k=3)
     rk = str(tmp_path / "rk")
     process_pickle.main(dump_args(ws["paths"], "--model_name", "m", "--output_dir", rk))
-    real = subset.records_json
+    real = subset_files.records_json
     for fail_at, argv in (
         (2, dump_args(ws["paths"], "--percentage", "10", "--lp1", "--lp1_approx", "--clust_rand", "--output_dir", str(tmp_path / "b"))),
         (5, ["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", os.path.join(rk, "m-l1_ranking.csv"), "--lp1",
@@ -407,7 +407,7 @@ def test_a_failed_write_changes_no_file(tmp_path, monkeypatch):
     process_pickle.main(dump_args(ws2["paths"], "--model_name", "tiny-m", "--output_dir", rk2))
     argv = ["--dataset", ws2["paths"]["dataset"], "--l1_ranking_file", os.path.join(rk2, "tiny-m-l1_ranking.csv"),
             "--lp1", "--lp1_approx", "--clust_rand"]
-    real, calls = data.write_subset, []
+    real, calls = record_io.write_subset, []
 
     def disk_full_at_10th(path, text):
         calls.append(path)
@@ -417,7 +417,7 @@ def test_a_failed_write_changes_no_file(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, text)
 
-    monkeypatch.setattr(data, "write_subset", disk_full_at_10th)
+    monkeypatch.setattr(record_io, "write_subset", disk_full_at_10th)
     for target in (out, str(tmp_path / "new" / "data")):
         calls.clear()
         with pytest.raises(UserError, match=r"cannot write .*_lp1_approx-tiny-m\.json: .*No space left on device; no file"):
@@ -428,7 +428,7 @@ def test_a_failed_write_changes_no_file(tmp_path, monkeypatch):
     changed = [p for p in before if after[p] != before[p]]
     assert not changed, f"the failed run changed {len(changed)} of the earlier run's files: {changed}"
     assert not os.path.exists(tmp_path / "new" / "data")
-    monkeypatch.setattr(data, "write_subset", real)
+    monkeypatch.setattr(record_io, "write_subset", real)
     second = subset.main([*argv, "--output_dir", out])
     assert listdir_all(out) == sorted(before)
     assert all(read_bytes(p) != before[os.path.relpath(p, out)][0] for p in second)   # all 22 replaced
@@ -449,7 +449,7 @@ def test_kill_9_while_writing_leaves_only_a_hidden_folder(tmp_path):
     argv = ["--dataset", ws["paths"]["dataset"], "--l1_ranking_file", os.path.join(rk, "m-l1_ranking.csv"),
             "--lp1", "--lp1_approx", "--clust_rand", "--output_dir", str(out)]
     script = (
-        "import os, signal, sys, data, subset\n"
+        "import os, signal, sys, subset\nfrom small2large import record_io as data\n"
         "real, n = data.write_subset, [0]\n"
         "def write(path, text):\n"
         "    n[0] += 1\n"
@@ -473,11 +473,11 @@ def test_kill_9_while_writing_leaves_only_a_hidden_folder(tmp_path):
 
 
 def _score_table(ws, path, n_dumps):
-    import scores
+    from small2large import score_table
 
-    recs = data.load(ws["paths"]["dataset"]).views
-    df = scores.build_score_table(recs, ws["labels"], [np.asarray(p) for p in ws["p"][:n_dumps]])
-    scores.write_score_table(path, df, scores.table_meta(df, "m"))
+    recs = record_io.load(ws["paths"]["dataset"]).views
+    df = score_table.build_score_table(recs, ws["labels"], [np.asarray(p) for p in ws["p"][:n_dumps]])
+    score_table.write_score_table(path, df, score_table.table_meta(df, "m"))
     return path
 
 
@@ -500,10 +500,9 @@ def test_interface_b_with_three_dumps_equals_the_score_table(tmp_path):
         if i == 0:
             res_rand = res_b
     # LP(1) from P2, by hand
-    import scores
 
     trunc = (ws["p"][0] == 1.0) & (ws["p"][1] == 1.0) & (ws["p"][2] == 1.0)
-    unlearned = scores.unlearned_mask(ws["p"][0], ws["p"][2], ws["labels"], truncated=trunc)
+    unlearned = lp.unlearned_mask(ws["p"][0], ws["p"][2], ws["labels"], truncated=trunc)
     l1 = np.array(ref_lp1(ws["p"][0], ws["p"][1], ws["p"][2]))
     got = res_b[str(tmp_path / "b1" / "10_low_lp1-m-nounlearned.json")].tolist()
     assert got == ref_split(ws["labels"], l1, 10, "low", eligible=~unlearned)

@@ -8,12 +8,11 @@ import pytest
 import torch
 from conftest import TINY_RECORDS
 
-import rendering
-import utils
+from small2large import batching, models, rendering
 
 # The Stanford Alpaca templates, written out independently of rendering.PROMPT_DICT.
-from rendering import tokenize_records
-from utils import IGNORE_INDEX, make_supervised_data
+from small2large.rendering import make_supervised_data, tokenize_records
+from utils import IGNORE_INDEX
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -98,7 +97,7 @@ def test_prompt_filling_the_window_leaves_no_scored_token(tok, extra):
     ids, labels = tokenize_records([long_r, TINY_RECORDS[7]], tok, max_len)
     assert len(ids[0]) == max_len and labels[0] == [IGNORE_INDEX] * max_len
     assert scored(labels[1])  # the short record keeps its response
-    data = utils.SupervisedData(ids, labels)
+    data = rendering.SupervisedData(ids, labels)
     assert data.n_fully_truncated == 1 and len(data) == 2
 
 
@@ -161,7 +160,7 @@ def test_pad_token_added_and_new_rows_are_the_mean(arch, tiny_llama, tiny_opt):
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
     v = old_in.shape[0]
-    assert utils.add_missing_special_tokens(tok, model) == 1
+    assert models.add_missing_special_tokens(tok, model) == 1
     assert tok.pad_token == "[PAD]" and tok.pad_token_id == v == len(tok) - 1
     new_in = model.get_input_embeddings().weight.detach()
     new_out = model.get_output_embeddings().weight.detach()
@@ -176,7 +175,7 @@ def test_pad_token_added_and_new_rows_are_the_mean(arch, tiny_llama, tiny_opt):
     assert logits.shape[-1] == v + 1
     torch.testing.assert_close(logits[0, :, v], logits[0, :, :v].mean(-1), rtol=1e-5, atol=1e-5)
     # a tokenizer that already has every special token is left alone
-    assert utils.add_missing_special_tokens(tok, model) == 0
+    assert models.add_missing_special_tokens(tok, model) == 0
     assert model.get_input_embeddings().weight.shape[0] == v + 1
 
 
@@ -193,10 +192,10 @@ def test_jsonl_json_and_gz_give_the_same_tokens(tok, tmp_path):
 
 def test_dataset_and_collator(tok):
     ids, labels = tokenize_records(TINY_RECORDS[:3], tok, 256)
-    ds = utils.SupervisedDataset(utils.SupervisedData(ids, labels))
+    ds = batching.SupervisedDataset(rendering.SupervisedData(ids, labels))
     assert len(ds) == 3 and ds[1]["input_ids"].dtype == torch.long and ds[1]["labels"].tolist() == labels[1]
     pad = tok.eos_token_id  # pad == eos must not mask the real eos
-    batch = utils.DataCollatorForSupervisedDataset(pad)([ds[i] for i in range(3)])
+    batch = batching.DataCollatorForSupervisedDataset(pad)([ds[i] for i in range(3)])
     n = max(map(len, ids))
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, n)
     for j in range(3):

@@ -12,6 +12,7 @@ import torch
 
 import train
 import utils
+from small2large import finetune, legacy_flags, models, rendering
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,26 +22,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_renames_in_both_flag_forms(capsys):
-    assert train.translate_legacy_flags(["--evaluation_strategy", "no", "--seed", "1"]) == [
+    assert legacy_flags.translate_legacy_flags(["--evaluation_strategy", "no", "--seed", "1"]) == [
         "--eval_strategy", "no", "--seed", "1"]
-    assert train.translate_legacy_flags(["--evaluation_strategy=steps"]) == ["--eval_strategy=steps"]
-    assert train.translate_legacy_flags(["--evaluation-strategy", "no"]) == ["--eval_strategy", "no"]
-    assert train.translate_legacy_flags(["--gradient_checkpointing", "True"]) == ["--activation_checkpointing", "True"]
-    assert train.translate_legacy_flags(["--gradient_checkpointing"]) == ["--activation_checkpointing"]
+    assert legacy_flags.translate_legacy_flags(["--evaluation_strategy=steps"]) == ["--eval_strategy=steps"]
+    assert legacy_flags.translate_legacy_flags(["--evaluation-strategy", "no"]) == ["--eval_strategy", "no"]
+    assert legacy_flags.translate_legacy_flags(["--gradient_checkpointing", "True"]) == ["--activation_checkpointing", "True"]
+    assert legacy_flags.translate_legacy_flags(["--gradient_checkpointing"]) == ["--activation_checkpointing"]
     err = capsys.readouterr().err
     assert err.count("note: --evaluation_strategy is --eval_strategy") == 3
     assert err.count("note: --gradient_checkpointing is --activation_checkpointing") == 2
 
 
 def test_warmup_ratio_becomes_fractional_warmup_steps(capsys):
-    assert train.translate_legacy_flags(["--warmup_ratio", "0.03", "--bf16", "True"]) == [
+    assert legacy_flags.translate_legacy_flags(["--warmup_ratio", "0.03", "--bf16", "True"]) == [
         "--warmup_steps", "0.03", "--bf16", "True"]
-    assert train.translate_legacy_flags(["--warmup_ratio=0.5"]) == ["--warmup_steps", "0.5"]
+    assert legacy_flags.translate_legacy_flags(["--warmup_ratio=0.5"]) == ["--warmup_steps", "0.5"]
     assert capsys.readouterr().err.count("note: --warmup_ratio") == 2
     for bad in (["--warmup_ratio", "1.0"], ["--warmup_ratio", "-0.1"], ["--warmup_ratio", "abc"],
                 ["--warmup_ratio"], ["--warmup_ratio", "0.1", "--warmup_steps", "5"]):
-        with pytest.raises(train.LegacyFlagError):
-            train.translate_legacy_flags(bad)
+        with pytest.raises(legacy_flags.LegacyFlagError):
+            legacy_flags.translate_legacy_flags(bad)
 
 
 def test_fractional_warmup_steps_is_the_old_ratio_formula(tmp_path, tiny_dataset):
@@ -52,33 +53,33 @@ def test_fractional_warmup_steps_is_the_old_ratio_formula(tmp_path, tiny_dataset
 
 
 def test_layer_cls_goes_into_fsdp_config(tmp_path, capsys):
-    out = train.translate_legacy_flags(["--fsdp", "full_shard auto_wrap",
+    out = legacy_flags.translate_legacy_flags(["--fsdp", "full_shard auto_wrap",
                                         "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"])
     assert out[:2] == ["--fsdp", "full_shard auto_wrap"] and out[2] == "--fsdp_config"
     assert json.loads(out[3]) == {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
     assert "note: --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer" in capsys.readouterr().err
     # merged into an inline config, '=' form, several classes
-    out = train.translate_legacy_flags(["--fsdp_config={\"version\": 2}",
+    out = legacy_flags.translate_legacy_flags(["--fsdp_config={\"version\": 2}",
                                         "--fsdp_transformer_layer_cls_to_wrap=A,B", "--seed", "3"])
     assert out == ["--fsdp_config", json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["A", "B"]}),
                    "--seed", "3"]
     # merged into a config file (its fsdp_-prefixed key replaced)
     cfg = tmp_path / "fsdp.json"
     cfg.write_text(json.dumps({"fsdp_transformer_layer_cls_to_wrap": "Old", "cpu_offload": False}))
-    out = train.translate_legacy_flags(["--fsdp_transformer_layer_cls_to_wrap", "OPTDecoderLayer",
+    out = legacy_flags.translate_legacy_flags(["--fsdp_transformer_layer_cls_to_wrap", "OPTDecoderLayer",
                                         "--fsdp_config", str(cfg)])
     assert json.loads(out[out.index("--fsdp_config") + 1]) == {
         "cpu_offload": False, "transformer_layer_cls_to_wrap": ["OPTDecoderLayer"]}
-    with pytest.raises(train.LegacyFlagError):
-        train.translate_legacy_flags(["--fsdp_transformer_layer_cls_to_wrap", "X", "--fsdp_config", "missing.json"])
+    with pytest.raises(legacy_flags.LegacyFlagError):
+        legacy_flags.translate_legacy_flags(["--fsdp_transformer_layer_cls_to_wrap", "X", "--fsdp_config", "missing.json"])
 
 
 def test_translated_fsdp_config_reaches_the_fsdp_plugin():
     # what TrainingArguments makes of the translated flags on a GPU machine (no fallback applied)
-    argv = train.translate_legacy_flags(["--data_path", "d", "--fsdp", "full_shard auto_wrap",
+    argv = legacy_flags.translate_legacy_flags(["--data_path", "d", "--fsdp", "full_shard auto_wrap",
                                          "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"])
-    ns = train.build_parser().parse_args(argv)
-    args = train.TrainingArguments(output_dir="unused", fsdp=ns.fsdp, fsdp_config=ns.fsdp_config)
+    ns = finetune.build_parser().parse_args(argv)
+    args = finetune.TrainingArguments(output_dir="unused", fsdp=ns.fsdp, fsdp_config=ns.fsdp_config)
     assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
     assert args.fsdp_plugin_args["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert args.fsdp_config["reshard_after_forward"] is True  # full_shard
@@ -87,18 +88,18 @@ def test_translated_fsdp_config_reaches_the_fsdp_plugin():
 def test_gradient_checkpointing_under_fsdp_is_fsdp_activation_checkpointing(monkeypatch, tmp_path, tiny_dataset):
     fsdp = ["--data_path", "d", "--fsdp", "full_shard auto_wrap"]
     for flag in (["--gradient_checkpointing", "True"], ["--gradient_checkpointing"], ["--gradient_checkpointing=true"]):
-        argv = train.translate_legacy_flags(fsdp + flag + ["--seed", "1"])
+        argv = legacy_flags.translate_legacy_flags(fsdp + flag + ["--seed", "1"])
         assert not any("checkpointing" in a for a in argv if a.startswith("--")), argv
         assert json.loads(argv[argv.index("--fsdp_config") + 1]) == {"activation_checkpointing": True}
-        ns = train.build_parser().parse_args(argv)
-        args = train.TrainingArguments(output_dir="unused", fsdp=ns.fsdp, fsdp_config=ns.fsdp_config,
+        ns = finetune.build_parser().parse_args(argv)
+        args = finetune.TrainingArguments(output_dir="unused", fsdp=ns.fsdp, fsdp_config=ns.fsdp_config,
                                        activation_checkpointing=ns.activation_checkpointing)
         # FSDP's own checkpointing; the Trainer's (which warns of a redundant all-gather) stays off
         assert args.fsdp_plugin_args["activation_checkpointing"] is True and not args.activation_checkpointing
-    argv = train.translate_legacy_flags(fsdp + ["--gradient_checkpointing", "False"])
+    argv = legacy_flags.translate_legacy_flags(fsdp + ["--gradient_checkpointing", "False"])
     assert argv == fsdp
     # without FSDP: the plain rename, as before
-    assert train.translate_legacy_flags(["--gradient_checkpointing", "True"]) == ["--activation_checkpointing", "True"]
+    assert legacy_flags.translate_legacy_flags(["--gradient_checkpointing", "True"]) == ["--activation_checkpointing", "True"]
     # on a CPU, FSDP is dropped but the checkpointing is kept
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _, _, args = train.parse_args(["--data_path", tiny_dataset, "--output_dir", str(tmp_path), "--fsdp",
@@ -111,7 +112,7 @@ def test_torchrun_without_cuda_is_data_parallel_without_bf16(monkeypatch, capsys
 
     def fallback():
         ns = argparse.Namespace(use_cpu=False, bf16=False, fsdp=None, tf32=None)
-        train.cpu_fallback(ns)
+        legacy_flags.cpu_fallback(ns)
         return ns.use_cpu
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -169,7 +170,7 @@ def test_extra_dataclasses_are_parsed(tmp_path, tiny_dataset):
     class Extra:
         dump_dir: str = field(default="./dump-pplxs", metadata={"help": "x"})
 
-    parsed = train.parse_args(["--data_path", tiny_dataset, "--output_dir", str(tmp_path), "--dump_dir", "d"],
+    parsed = finetune.parse_args(["--data_path", tiny_dataset, "--output_dir", str(tmp_path), "--dump_dir", "d"],
                               extra_dataclasses=(Extra,))
     assert len(parsed) == 4 and parsed[3].dump_dir == "d"
 
@@ -215,8 +216,8 @@ def test_short_run_saves_everything_and_lowers_the_loss(tiny_llama, tiny_dataset
     assert tok.pad_token == "[PAD]" and len(tok) == 301 and tok.padding_side == "right"
     trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert trained.get_input_embeddings().weight.shape[0] == 301
-    data = utils.make_supervised_data(tiny_dataset, tok, 256)
-    init, init_tok = train.load_model_and_tokenizer(*[train.parse_args(_argv(tiny_llama, tiny_dataset, out))[i]
+    data = rendering.make_supervised_data(tiny_dataset, tok, 256)
+    init, init_tok = models.load_model_and_tokenizer(*[train.parse_args(_argv(tiny_llama, tiny_dataset, out))[i]
                                                       for i in (0, 2)])
     before, after = _mean_response_loss(init, data), _mean_response_loss(trained, data)
     assert after < before - 0.3, (before, after)
@@ -228,12 +229,12 @@ def test_bf16_on_cpu_is_autocast_over_float32_weights(tiny_llama, tiny_dataset, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     margs, dargs, targs = train.parse_args(_argv(tiny_llama, tiny_dataset, tmp_path, "--max_steps", "1",
                                                  "--bf16", "True", "--tf32", "True"))
-    model, tok = train.load_model_and_tokenizer(margs, targs)
-    data = utils.make_supervised_data(dargs.data_path, tok, targs.model_max_length)
+    model, tok = models.load_model_and_tokenizer(margs, targs)
+    data = rendering.make_supervised_data(dargs.data_path, tok, targs.model_max_length)
     seen = []
     model.lm_head.register_forward_hook(lambda mod, i, o: seen.append((o.dtype, mod.weight.dtype)))
     before = model.lm_head.weight.detach().clone()
-    train.build_trainer(model, tok, data, targs).train()
+    finetune.build_trainer(model, tok, data, targs).train()
     assert seen == [(torch.bfloat16, torch.float32)]  # bf16 matmuls, float32 master weights
     assert not torch.equal(before, model.lm_head.weight.detach())
 
@@ -259,9 +260,9 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_llama, tiny_da
                 raise _Crash
 
     margs, dargs, targs = train.parse_args(_argv(tiny_llama, tiny_dataset, cut, *steps))
-    model, tok = train.load_model_and_tokenizer(margs, targs)
-    data = utils.make_supervised_data(dargs.data_path, tok, targs.model_max_length)
-    trainer = train.build_trainer(model, tok, data, targs, callbacks=[CrashAfter()])
+    model, tok = models.load_model_and_tokenizer(margs, targs)
+    data = rendering.make_supervised_data(dargs.data_path, tok, targs.model_max_length)
+    trainer = finetune.build_trainer(model, tok, data, targs, callbacks=[CrashAfter()])
     with pytest.raises(_Crash):
         trainer.train()
     assert sorted(os.listdir(cut)) == ["checkpoint-3"]
@@ -270,8 +271,8 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_llama, tiny_da
         def on_step_end(self, args, state, control, **kw):
             done.append(state.global_step)
 
-    done, build = [], train.build_trainer
-    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: build(*a, callbacks=[Steps()], **k))
+    done, build = [], finetune.build_trainer
+    monkeypatch.setattr(finetune, "build_trainer", lambda *a, **k: build(*a, callbacks=[Steps()], **k))
     trainer = train.main(_argv(tiny_llama, tiny_dataset, cut, *steps, "--resume_from_checkpoint", "last"))
     assert done == [4, 5, 6, 7, 8] and trainer.state.global_step == 8  # resumed, not restarted
     a = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).state_dict()

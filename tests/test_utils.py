@@ -6,11 +6,12 @@ import os
 import pytest
 
 import utils
+from small2large import record_io
 
 
 def test_atomic_write_keeps_old_file_on_error_and_leaves_no_temp(tmp_path):
     p = tmp_path / "out.json"
-    utils.write_json(p, [1, 2])
+    p.write_text(json.dumps([1, 2]))
     with pytest.raises(RuntimeError), utils.atomic_write(p) as f:
         f.write("partial")
         raise RuntimeError("interrupted")
@@ -31,8 +32,8 @@ def test_jsonl_and_json_list_load_the_same_records(tmp_path):
     recs = [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "d", "output": "e"}]
     (tmp_path / "a.json").write_text(json.dumps(recs))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    a = utils.load_records(tmp_path / "a.json")
-    b = utils.load_records(tmp_path / "a.jsonl")
+    a = record_io.load_records(tmp_path / "a.json")
+    b = record_io.load_records(tmp_path / "a.jsonl")
     assert a == b and a[1]["input"] == ""
 
 
@@ -47,4 +48,4 @@ def test_bad_datasets_name_the_problem(tmp_path, text, msg):
     p = tmp_path / "d.json"
     p.write_text(text)
     with pytest.raises(utils.UserError, match=msg):
-        utils.load_records(p)
+        record_io.load_records(p)

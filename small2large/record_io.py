@@ -45,10 +45,17 @@ from typing import Any
 from utils import UserError, atomic_write, file_sha256, folder_sha256
 
 SHAREGPT_KEY = "conversations"  # ShareGPT's list of turns
+
+
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
 SUBSET_EXTENSIONS = {"json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}
+
+
 # Parquet subsets carry the column map they were read with (e.g. Dolly's), so train.py reads them without flags
 COLUMNS_METADATA_KEY = b"small2large.columns"
+
 
 # Column maps (and default split) of known hub datasets; an explicit --*_field flag wins.
 KNOWN_HUB_DATASETS: dict[str, dict[str, str]] = {
@@ -59,6 +66,8 @@ KNOWN_HUB_DATASETS: dict[str, dict[str, str]] = {
     "HuggingFaceH4/ultrachat_200k": {"split": "train_sft"},
     "HuggingFaceH4/no_robots": {},
 }
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -91,6 +100,8 @@ FIELD_HELP = {
     "messages": "column holding a chat's list of turns, {role, content} or ShareGPT {from, value} "
                 "(default: messages; a 'conversations' column is read as ShareGPT)",
 }
+
+
 DATASET_HELP = ("JSON list (the paper's), JSONL, Parquet, .gz of JSON/JSONL, a datasets.save_to_disk folder, "
                 "or a hub dataset id; ':SPLIT' picks a split (e.g. databricks/databricks-dolly-15k:train)")
 
@@ -102,10 +113,6 @@ def add_data_arguments(parser: argparse.ArgumentParser, dataset_help: str, requi
     g = parser.add_argument_group("dataset columns (other names than the Alpaca / chat ones)")
     for name, text in FIELD_HELP.items():
         g.add_argument(f"--{name}_field", default=None, metavar="NAME", help=text)
-
-
-# ----------------------------------------------------------------------------------------
-# Loading
 
 
 @dataclass
@@ -357,10 +364,6 @@ def _read_hub(source: str, repo: str, split: str):
     return table.to_pylist(), table
 
 
-# ----------------------------------------------------------------------------------------
-# Views
-
-
 def make_view(where: str, i: int, r: Any, allow_chat: bool, names: dict[str, str]) -> dict:
     """The normalized view of record ``i`` (a new dict; ``r`` is not modified).
 
@@ -431,15 +434,6 @@ def alpaca_text(view: dict) -> dict:
             "output": "\n".join(m["content"] for m in msgs if m["role"] == "assistant")}
 
 
-# ----------------------------------------------------------------------------------------
-# Writing subsets of the original records
-
-
-def subset_format(records: Records) -> str:
-    """The format subsets of ``records`` are written in: json, jsonl or parquet."""
-    return records.fmt
-
-
 def subset_payload(records: Records, indices, json_list_text=None) -> str | bytes:
     """The bytes (or text) of the subset ``indices`` of the original records, in the source's format.
     ``json_list_text(indices)`` builds a JSON list's text (subset.py passes its fast, exact encoder);
@@ -473,3 +467,18 @@ def write_subset(path: str, payload: str | bytes) -> None:
     else:
         with atomic_write(path) as f:
             f.write(payload)
+
+
+def load_records(path: str | os.PathLike, allow_chat: bool = False, fields=None) -> list[dict]:
+    """The normalized views of a dataset's records, in the source's order (see data.py for the
+    formats: JSON list, JSONL, Parquet, .gz, saved datasets, hub ids). Every record is validated
+    once; errors name the record number. Views are new dicts, the source records are untouched:
+    Alpaca views are {"instruction", "input" ("" when missing or null), "output"}; with
+    ``allow_chat``, chat and ShareGPT records become {"messages": [{"role", "content"}, ...]}.
+    ``fields`` (a data.Fields) maps other column names."""
+
+    return load(path, allow_chat=allow_chat, fields=fields).views
+
+
+def is_chat(record: dict) -> bool:
+    return "messages" in record

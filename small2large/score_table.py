@@ -38,96 +38,27 @@ import os
 
 import numpy as np
 
-from data import alpaca_text
-from utils import (
-    IGNORE_INDEX,
-    UserError,
-    atomic_write,
-    check_lengths,
-    is_chat,
+from small2large.dumps import check_lengths, load_pplxs, validate_pplxs
+from small2large.lp import (
+    UNLEARNED_TOP_SHARE,
+    ifd,
     lp1,
     lp1_approx,
+    lp_columns,
     truncated_mask,
-    validate_pplxs,
+    unlearned_mask,
 )
+from small2large.models import load_tokenizer
+from small2large.rendering import response_text
+from utils import UserError, atomic_write
 
 FORMAT = "small2large-scores"
+
+
 VERSION = 1
+
+
 META_KEY = b"small2large"
-UNLEARNED_TOP_SHARE = 0.05  # default rule: the 5% of each cluster whose perplexity fell least (highest Pn / P0)
-
-# ----------------------------------------------------------------------------------------
-# Pure maths
-
-
-def lp_i(p0, pi, pn) -> np.ndarray:
-    """LP(i) = (P0 - Pi) / (P0 - Pn), 0 where P0 == Pn: the paper's LP(1) formula with epoch i in
-    place of 1 (it is utils.lp1 itself, so LP(1) is bit-identical to the paper's).
-
-    >>> lp_i([4.0, 2.0], [3.0, 1.5], [2.0, 2.0]).tolist()   # (4-3)/(4-2); P0 == Pn -> 0
-    [0.5, 0.0]
-    """
-    return lp1(p0, pi, pn)
-
-
-def lp_columns(pplxs) -> dict[str, np.ndarray]:
-    """{"lp1": ..., "lpn": ...} for dumps [P0, P1, ..., Pn]; empty when n < 2 (LP(1) with n = 1 is
-    (P0-P1)/(P0-P1) = 1 for every record, so it ranks nothing).
-
-    >>> {k: v.tolist() for k, v in lp_columns([[4.0], [3.0], [2.5], [2.0]]).items()}
-    {'lp1': [0.5], 'lp2': [0.75], 'lp3': [1.0]}
-    >>> lp_columns([[4.0], [3.0]])
-    {}
-    """
-    n = len(pplxs) - 1
-    if n < 2:
-        return {}
-    return {f"lp{i}": lp_i(pplxs[0], pplxs[i], pplxs[n]) for i in range(1, n + 1)}
-
-
-def ifd(p_cond, p_alone) -> np.ndarray:
-    """Instruction-following difficulty: PPL(response | prompt) / PPL(response alone).
-
-    >>> ifd([2.0, 3.0], [4.0, 3.0]).tolist()   # the prompt halves the perplexity; does not help
-    [0.5, 1.0]
-    """
-    return np.asarray(p_cond, dtype=np.float64) / np.asarray(p_alone, dtype=np.float64)
-
-
-def unlearned_mask(p0, pn, cluster=None, ratio: float | None = None, top_share: float = UNLEARNED_TOP_SHARE,
-                   truncated=None) -> np.ndarray:
-    """Records whose perplexity barely fell over training (never learned).
-
-    Default: in every cluster (all records one cluster if ``cluster`` is None), the
-    ceil(top_share x size) records with the highest Pn / P0 (ties by dataset index), truncated records
-    not counted. With ``ratio``: Pn / P0 >= ratio instead. ``truncated`` records (no response token
-    scored) are never flagged: they have their own flag.
-
-    >>> unlearned_mask([10.0] * 4, [9.0, 2.0, 3.0, 8.0], cluster=[0, 0, 1, 1], top_share=0.5).tolist()
-    [True, False, False, True]
-    >>> unlearned_mask([10.0, 10.0, 1.0], [9.0, 2.0, 1.0], ratio=0.8, truncated=[False, False, True]).tolist()
-    [True, False, False]
-    """
-    p0, pn = (np.asarray(x, dtype=np.float64) for x in (p0, pn))
-    r = pn / p0
-    trunc = np.zeros(len(r), bool) if truncated is None else np.asarray(truncated, dtype=bool)
-    if ratio is not None:
-        out = r >= ratio
-    else:
-        if not 0 < top_share <= 1:
-            raise ValueError(f"top_share must be in (0, 1], got {top_share}")
-        cluster = np.zeros(len(r), np.int64) if cluster is None else np.asarray(cluster)
-        idx = np.arange(len(r))
-        order = np.lexsort((idx, -np.where(trunc, -np.inf, r), cluster))  # per cluster, highest ratio first, ties by index
-        c = cluster[order]
-        starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-        sizes = np.diff(np.r_[starts, len(r)])
-        rank = idx - np.repeat(starts, sizes)  # position inside its cluster
-        n_ok = np.bincount(np.searchsorted(starts, np.flatnonzero(~trunc[order]), side="right") - 1, minlength=len(starts))
-        keep = np.ceil(top_share * n_ok - 1e-9).astype(np.int64)
-        out = np.zeros(len(r), bool)
-        out[order[rank < np.repeat(keep, sizes)]] = True
-    return out & ~trunc
 
 
 def record_sha256(record: dict) -> str:
@@ -138,71 +69,6 @@ def record_sha256(record: dict) -> str:
     """
     text = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def response_text(record: dict) -> str:
-    """The response of a record as text, the one definition every step uses (data.alpaca_text's output,
-    also the CSV's len_response): Alpaca "output"; chat: the assistant turns joined by newlines.
-
-    >>> response_text({"instruction": "Add.", "input": "", "output": "5"})
-    '5'
-    >>> response_text({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"},
-    ...                             {"role": "user", "content": "?"}, {"role": "assistant", "content": "lo"}]})
-    'Hel\\nlo'
-    """
-    return alpaca_text(record)["output"]
-
-
-# ----------------------------------------------------------------------------------------
-# Response-only tokenization (the no-prompt pass of IFD)
-
-
-def _bos_prefix(tokenizer) -> list[int]:
-    """[bos] when the tokenizer adds a bos to a text (Llama, OPT), else [] (GPT-2, Qwen2)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
-
-
-def tokenize_responses(records, tokenizer, model_max_length: int, options=None) -> tuple[list[list[int]], list[list[int]]]:
-    """(input_ids, labels) of every record's response scored WITHOUT its prompt, for IFD's denominator.
-
-    Alpaca records (the paper's prompt): text = output + eos, tokenized with the tokenizer's special
-    tokens (a bos where it adds one, e.g. Llama; none for GPT-2), as Cherry / Superfiltering do.
-    Records rendered as a conversation (chat records; Alpaca ones with ``alpaca_as_chat``): exactly
-    the tokens the prompted pass scores (rendering.tokenize_records with ``options``, a
-    rendering.RenderOptions: each assistant turn's content and its end-of-turn marker, e.g.
-    ``<|im_end|>`` in ChatML, ``<|eot_id|>`` in Llama-3), concatenated, after the bos when the
-    tokenizer adds one. Truncated at ``model_max_length``. Every token is a label: the scoring shifts
-    by one, so the first token is never scored. Without a bos the first response token has no context
-    and is left out; with a bos it is scored given the bos. So IFD = PPL(response | prompt) /
-    PPL(response alone) compares the same tokens up to that first one. A response truncated in the
-    prompted pass (long prompt) is scored on fewer tokens there: see the truncated flag.
-    """
-    from rendering import BoundaryStats, RenderOptions, tokenize_records
-
-    options = options or RenderOptions()
-    as_chat = [i for i, r in enumerate(records) if is_chat(r) or options.alpaca_as_chat]
-    plain = [i for i in range(len(records)) if not (is_chat(records[i]) or options.alpaca_as_chat)]
-    ids: list[list[int]] = [[] for _ in records]
-    if plain:
-        eos = tokenizer.eos_token or ""
-        enc = tokenizer([records[i]["output"] + eos for i in plain], truncation=True, max_length=model_max_length,
-                        add_special_tokens=True)["input_ids"]
-        for i, x in zip(plain, enc):
-            ids[i] = list(x)
-    if as_chat:
-        # the prompted pass's rendering, untruncated (its boundary notes were shown by that pass)
-        _, labels = tokenize_records([records[i] for i in as_chat], tokenizer, None, options, stats=BoundaryStats())
-        bos = _bos_prefix(tokenizer)
-        for i, lab in zip(as_chat, labels):
-            ids[i] = (bos + [t for t in lab if t != IGNORE_INDEX])[:model_max_length]
-    return ids, [list(x) for x in ids]
-
-
-# ----------------------------------------------------------------------------------------
-# The table
 
 
 def build_score_table(records, cluster, pplxs, *, n_tokens=None, noprompt=None, noprompt_epoch: int = 0,
@@ -346,10 +212,6 @@ def describe_rule(meta: dict) -> str:
     return f"top {100 * u.get('top_share', UNLEARNED_TOP_SHARE):g}% of Pn/P0 per cluster"
 
 
-# ----------------------------------------------------------------------------------------
-# process_pickle.py's hook: its flags and the one call after the CSV
-
-
 def add_arguments(p) -> None:
     """process_pickle.py's score-table flags."""
     g = p.add_argument_group("score table ({output_dir}/{model_name}-scores.parquet, read by subset.py --scores and report.py)")
@@ -382,22 +244,8 @@ def check_arguments(p, args) -> None:
         p.error(f"--tokenizer {args.tokenizer}: no such folder")
 
 
-def count_response_tokens(records, tokenizer_dir: str) -> np.ndarray:
-    """Tokens of every record's response_text (no special tokens), with the tokenizer loaded as the
-    selector's is (train.load_tokenizer: a SentencePiece-only folder is read as Llama-2's)."""
-    from train import load_tokenizer
-
-    try:
-        tok = load_tokenizer(tokenizer_dir)
-    except UserError as e:  # its messages name --model_name_or_path
-        raise UserError(f"--tokenizer: cannot load a tokenizer: {e}".replace("--model_name_or_path ", "")) from None
-    ids = tok([response_text(r) for r in records], add_special_tokens=False)["input_ids"]
-    return np.array([len(x) for x in ids], dtype=np.int64)
-
-
 def write_from_args(args, records, dumps, cluster) -> str | None:
     """process_pickle.py's one call: build the table from its inputs and write it; returns the path."""
-    from utils import load_pplxs
 
     if args.no_scores:
         return None
@@ -425,3 +273,12 @@ def read_ranking_fields(path: str, records):
     model = meta.get("model_name") or "model"
     return (df["cluster_num"].to_numpy(dtype=np.int64), metrics, df["truncated"].to_numpy(dtype=bool), model,
             df["unlearned"].to_numpy(dtype=bool))
+
+
+def count_response_tokens(records, tokenizer_dir: str) -> np.ndarray:
+    """Tokens of every record's response_text (no special tokens), with the tokenizer loaded as the
+    selector's is (models.load_tokenizer: a SentencePiece-only folder is read as Llama-2's)."""
+
+    tok = load_tokenizer(tokenizer_dir, head=f"--tokenizer: cannot load a tokenizer: {tokenizer_dir}")
+    ids = tok([response_text(r) for r in records], add_special_tokens=False)["input_ids"]
+    return np.array([len(x) for x in ids], dtype=np.int64)

@@ -1,4 +1,4 @@
-r"""Records -> token ids and labels: the ONE rendering routine of train.py and dump_pplxs.py.
+"""Records -> token ids and labels: the ONE rendering routine of train.py and dump_pplxs.py.
 
 A record is rendered to a text plus the character spans that are trained on and scored:
 
@@ -38,12 +38,14 @@ Truncation is always on the right (at ``model_max_length``), whatever the tokeni
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from utils import IGNORE_INDEX, UserError, is_chat
+from small2large.record_io import alpaca_text, is_chat, load_records
+from utils import IGNORE_INDEX, UserError
 
 # Fixed by the paper's repo (Stanford Alpaca's prompt); the perplexities depend on it.
 PROMPT_DICT = {
@@ -58,12 +60,19 @@ PROMPT_DICT = {
         "### Instruction:\n{instruction}\n\n### Response:"
     ),
 }
+
+
 # The built-in chat template (tokenizers without one): turns rendered as "### {Role}:\n{content}\n\n";
 # only the content of assistant turns (plus an eos token after each) is scored / trained on.
 CHAT_SYSTEM_PREFIX = "Below is a conversation between a user and an assistant.\n\n"
+
+
 CHAT_TURN = "### {role}:\n"
 
+
 BOUNDARIES = ("auto", "paper", "exact")
+
+
 CHAT_TEMPLATES = ("auto", "tokenizer", "builtin")
 
 
@@ -123,10 +132,6 @@ def alpaca_to_messages(record: dict) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
 
 
-# ----------------------------------------------------------------------------------------
-# Which template, which boundary
-
-
 def _template(tokenizer) -> str | None:
     t = getattr(tokenizer, "chat_template", None)
     return t.get("default") if isinstance(t, dict) else t  # a tokenizer may ship several named templates
@@ -172,10 +177,6 @@ def right_truncation(tokenizer):
         yield
     finally:
         tokenizer.truncation_side = old
-
-
-# ----------------------------------------------------------------------------------------
-# Rendering: text + scored character spans
 
 
 @dataclass
@@ -333,10 +334,6 @@ def render_prompt(record: dict, tokenizer, options: RenderOptions = RenderOption
     return text, tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-# ----------------------------------------------------------------------------------------
-# Tokens and labels
-
-
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool, max_length: int | None) -> list[list[int]]:
     if not texts:
         return []
@@ -414,3 +411,87 @@ def tokenize_records(records: Sequence[dict], tokenizer, model_max_length: int,
     if own and stats.message():
         warnings.warn(stats.message(), stacklevel=2)
     return input_ids, labels
+
+
+@dataclass
+class SupervisedData:
+    """Tokenized records, dataset order. ``n_fully_truncated`` counts records with no label."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    n_boundary_mismatch: int = 0  # records whose prompt tokens are not a prefix of the full text's
+    n_boundary_fixed: int = 0  # of those, tokenized prompt and response separately (--response_boundary exact)
+    boundary_message: str | None = None  # the warning to show (None: nothing to report)
+
+    @functools.cached_property
+    def n_fully_truncated(self) -> int:  # asked once per dump: counted once
+        return sum(1 for lab in self.labels if all(t == IGNORE_INDEX for t in lab))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def make_supervised_data(data_path: str, tokenizer, model_max_length: int, options=None, fields=None) -> SupervisedData:
+    """Load the records (``fields``: a data.Fields column map) and tokenize them
+    (rendering.tokenize_records; ``options``: a rendering.RenderOptions, default the paper's rendering)."""
+
+    records = load_records(data_path, allow_chat=True, fields=fields)
+    stats = BoundaryStats()
+    ids, labels = tokenize_records(records, tokenizer, model_max_length, options or RenderOptions(), stats=stats)
+    return SupervisedData(ids, labels, len(stats.mismatched), stats.fixed, stats.message())
+
+
+def response_text(record: dict) -> str:
+    """The response of a record as text, the one definition every step uses (data.alpaca_text's output,
+    also the CSV's len_response): Alpaca "output"; chat: the assistant turns joined by newlines.
+
+    >>> response_text({"instruction": "Add.", "input": "", "output": "5"})
+    '5'
+    >>> response_text({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"},
+    ...                             {"role": "user", "content": "?"}, {"role": "assistant", "content": "lo"}]})
+    'Hel\\nlo'
+    """
+    return alpaca_text(record)["output"]
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer adds a bos to a text (Llama, OPT), else [] (GPT-2, Qwen2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
+def tokenize_responses(records, tokenizer, model_max_length: int, options=None) -> tuple[list[list[int]], list[list[int]]]:
+    """(input_ids, labels) of every record's response scored WITHOUT its prompt, for IFD's denominator.
+
+    Alpaca records (the paper's prompt): text = output + eos, tokenized with the tokenizer's special
+    tokens (a bos where it adds one, e.g. Llama; none for GPT-2), as Cherry / Superfiltering do.
+    Records rendered as a conversation (chat records; Alpaca ones with ``alpaca_as_chat``): exactly
+    the tokens the prompted pass scores (rendering.tokenize_records with ``options``, a
+    rendering.RenderOptions: each assistant turn's content and its end-of-turn marker, e.g.
+    ``<|im_end|>`` in ChatML, ``<|eot_id|>`` in Llama-3), concatenated, after the bos when the
+    tokenizer adds one. Truncated at ``model_max_length``. Every token is a label: the scoring shifts
+    by one, so the first token is never scored. Without a bos the first response token has no context
+    and is left out; with a bos it is scored given the bos. So IFD = PPL(response | prompt) /
+    PPL(response alone) compares the same tokens up to that first one. A response truncated in the
+    prompted pass (long prompt) is scored on fewer tokens there: see the truncated flag.
+    """
+
+    options = options or RenderOptions()
+    as_chat = [i for i, r in enumerate(records) if is_chat(r) or options.alpaca_as_chat]
+    plain = [i for i in range(len(records)) if not (is_chat(records[i]) or options.alpaca_as_chat)]
+    ids: list[list[int]] = [[] for _ in records]
+    if plain:
+        eos = tokenizer.eos_token or ""
+        enc = tokenizer([records[i]["output"] + eos for i in plain], truncation=True, max_length=model_max_length,
+                        add_special_tokens=True)["input_ids"]
+        for i, x in zip(plain, enc):
+            ids[i] = list(x)
+    if as_chat:
+        # the prompted pass's rendering, untruncated (its boundary notes were shown by that pass)
+        _, labels = tokenize_records([records[i] for i in as_chat], tokenizer, None, options, stats=BoundaryStats())
+        bos = _bos_prefix(tokenizer)
+        for i, lab in zip(as_chat, labels):
+            ids[i] = (bos + [t for t in lab if t != IGNORE_INDEX])[:model_max_length]
+    return ids, [list(x) for x in ids]

@@ -29,14 +29,22 @@ import re
 import time
 import uuid
 
-import data
-from utils import UserError, atomic_write
+from small2large import record_io
+from utils import UserError, atomic_write, notice
 from utils import file_sha256 as sha256_file
 
 MANIFEST_NAME = "manifest.json"
+
+
 FORMAT = 1
+
+
 DUMP_FILE = re.compile(r"epoch-(pre|\d+|\d+\.\d+-partial)\.pkl")  # dump_pplxs.dump_name's names
+
+
 NOPROMPT_SUBDIR = "noprompt"  # {dump_dir}/noprompt/epoch-*.pkl: the no-prompt (IFD) dumps, listed as "noprompt/epoch-*.pkl"
+
+
 # settings that change the perplexities (the scored tokens and the model): a resumed run must use the same ones
 RESUME_MUST_MATCH = ("model", "tokenizer", "model_max_length", "pplx_denominator", "seed", "response_boundary",
                      "chat_template", "alpaca_as_chat", "fields", "lora")
@@ -160,10 +168,6 @@ def check_settings(m: dict | None, settings: dict, dump_dir: str) -> None:
                             f"{key}={settings.get(key)!r}: resume with the same flags")
 
 
-# ----------------------------------------------------------------------------------------
-# Checks of step 3 (process_pickle.py, subset.py)
-
-
 def _listing(path: str) -> tuple[str, str]:
     """(folder of the manifest that lists the dump at ``path``, its name there): a no-prompt dump
     {dump_dir}/noprompt/epoch-*.pkl is listed in {dump_dir}/manifest.json as "noprompt/epoch-*.pkl"."""
@@ -193,6 +197,16 @@ def check_dumps(dataset: str, n_records: int, dumps: dict[str, str], noprompt: t
         bare = next(f for f, m in manifests.items() if m is None)
         raise UserError(f"{dumps[bare]} (--{bare}) has no {MANIFEST_NAME} beside it but {dumps[with_m[0]]} "
                         f"(--{with_m[0]}) has: cannot tell whether they come from one run")
+    entries = _listed_entries(dumps, listing, manifests)
+    if noprompt is not None:
+        _check_noprompt_entry(entries, listing, dumps, noprompt)
+    _check_one_run(entries, dumps)
+    _check_dataset(dataset, n_records, dumps, manifests, with_m)
+    _check_epoch_order(entries, dumps)
+
+
+def _listed_entries(dumps: dict[str, str], listing: dict[str, tuple[str, str]], manifests: dict) -> dict:
+    """flag -> manifest entry of each dump, after checking it is listed, unchanged and a whole epoch."""
     entries = {}
     for flag, path in dumps.items():
         m = manifests[flag]
@@ -208,19 +222,32 @@ def check_dumps(dataset: str, n_records: int, dumps: dict[str, str], noprompt: t
             raise UserError(f"{path} (--{flag}) is the dump of a partial last epoch ({e.get('epoch')} epochs, "
                             "training stopped by --max_steps or a fractional --num_train_epochs), not a whole epoch")
         entries[flag] = e
-    if noprompt is not None:
-        e, want = entries.pop("noprompt"), "pre" if noprompt[1] == 0 else noprompt[1]
-        if not listing["noprompt"][1].startswith(f"{NOPROMPT_SUBDIR}/") or e.get("epoch") != want:
-            is_np = listing["noprompt"][1].startswith(f"{NOPROMPT_SUBDIR}/")
-            what = f"the no-prompt dump at epoch {e.get('epoch')}" if is_np else "not a no-prompt dump"
-            raise UserError(f"{dumps['noprompt']} (--noprompt) is {what}; --noprompt_epoch {noprompt[1]} needs "
-                            f"{NOPROMPT_SUBDIR}/{'epoch-pre.pkl' if want == 'pre' else f'epoch-{want}.pkl'}")
-        entries["noprompt"] = e
+    return entries
+
+
+def _check_noprompt_entry(entries: dict, listing: dict[str, tuple[str, str]], dumps: dict[str, str],
+                          noprompt: tuple[str, int]) -> None:
+    """The --noprompt dump must be listed as a no-prompt dump at --noprompt_epoch (``entries`` is reordered)."""
+    e, want = entries.pop("noprompt"), "pre" if noprompt[1] == 0 else noprompt[1]
+    if not listing["noprompt"][1].startswith(f"{NOPROMPT_SUBDIR}/") or e.get("epoch") != want:
+        is_np = listing["noprompt"][1].startswith(f"{NOPROMPT_SUBDIR}/")
+        what = f"the no-prompt dump at epoch {e.get('epoch')}" if is_np else "not a no-prompt dump"
+        raise UserError(f"{dumps['noprompt']} (--noprompt) is {what}; --noprompt_epoch {noprompt[1]} needs "
+                        f"{NOPROMPT_SUBDIR}/{'epoch-pre.pkl' if want == 'pre' else f'epoch-{want}.pkl'}")
+    entries["noprompt"] = e
+
+
+def _check_one_run(entries: dict, dumps: dict[str, str]) -> None:
+    """All the dumps' entries must name one run id."""
     runs = {e["run_id"] for e in entries.values()}
     if len(runs) > 1:
         detail = ", ".join(f"{dumps[f]} (--{f}): run {e['run_id']}" for f, e in entries.items())
         raise UserError(f"the dumps come from different runs ({detail})")
-    digest = data.fingerprint(dataset)
+
+
+def _check_dataset(dataset: str, n_records: int, dumps: dict[str, str], manifests: dict, with_m: list[str]) -> None:
+    """Every manifest must record ``dataset``'s sha256 and ``n_records``."""
+    digest = record_io.fingerprint(dataset)
     for flag in with_m:
         d = manifests[flag].get("dataset", {})
         if d.get("sha256") != digest:
@@ -229,6 +256,11 @@ def check_dumps(dataset: str, n_records: int, dumps: dict[str, str], noprompt: t
         if d.get("n_records") != n_records:
             raise UserError(f"--dataset {dataset} has {n_records} records; {dumps[flag]} (--{flag}) was dumped "
                             f"for {d.get('n_records')}")
+
+
+def _check_epoch_order(entries: dict, dumps: dict[str, str]) -> None:
+    """epoch0 must be the pre-training dump and the others whole epochs in increasing order (a warning
+    when --epochK is not epoch K)."""
     epochs = {f: e.get("epoch") for f, e in entries.items() if f != "noprompt"}
     if "epoch0" in epochs and epochs["epoch0"] != "pre":
         raise UserError(f"{dumps['epoch0']} (--epoch0) is the dump after epoch {epochs['epoch0']}, not the "
@@ -240,3 +272,56 @@ def check_dumps(dataset: str, n_records: int, dumps: dict[str, str], noprompt: t
     for f, e in later:
         if e != int(f[-1]):
             print(f"warning: {dumps[f]} (--{f}) is the dump after epoch {e}, not after epoch {f[-1]}")
+
+
+def start_manifest(data_args, training_args, dump_args, ckpt) -> dict:
+    """Global rank 0, before loading anything: check --dump_dir against the run. A fresh run refuses a
+    folder holding another run's dumps (unless --overwrite_dumps, which replaces them); a resumed run
+    continues the run recorded there (same --output_dir, same dataset) under the same run id."""
+
+    d = dump_args.dump_dir
+    dataset = {"path": os.path.abspath(data_args.data_path), "sha256": record_io.fingerprint(data_args.data_path)}
+    old = read_manifest(d)
+    if ckpt is None:
+        replace = check_fresh_dump_dir(d, dump_args.overwrite_dumps)
+        return {"replace": replace, "dataset": dataset}
+    check_resume(old, d, ckpt, dataset)
+    return {"old": old, "replace": [], "dataset": dataset}
+
+
+def run_settings(tokenizer, model_args, data_args, training_args, dump_args) -> dict:
+    """The settings a manifest records: those that change the perplexities (model, tokenizer, window,
+    denominator, seed, the rendering flags and column map that decide the scored tokens, LoRA) and the
+    logits mode."""
+    lora = None
+    if model_args.lora_r:
+        lora = {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+                "target_modules": model_args.lora_target_modules}
+    return {"model": model_args.model_name_or_path, "tokenizer": tokenizer.name_or_path,
+            "model_max_length": training_args.model_max_length, "pplx_denominator": dump_args.pplx_denominator,
+            "pplx_logits": dump_args.pplx_logits, "seed": training_args.seed,
+            "response_boundary": data_args.response_boundary, "chat_template": data_args.chat_template,
+            "alpaca_as_chat": data_args.alpaca_as_chat, "fields": data_args.data_fields.resolved(), "lora": lora}
+
+
+def settle_manifest(run, data, tokenizer, model_args, data_args, training_args, dump_args) -> tuple[dict, list[str]]:
+    """The run's manifest (dataset, model, settings, versions) and the files to replace; a resumed run
+    keeps its run id and files and must have the settings its dumps were made with."""
+
+    settings = run_settings(tokenizer, model_args, data_args, training_args, dump_args)
+    old = run.get("old")
+    check_settings(old, settings, dump_args.dump_dir)
+    m = old if old is not None else {"format": FORMAT, "run_id": new_run_id(),
+                                     "started": now(), "files": {}}
+    m.update(output_dir=os.path.abspath(training_args.output_dir), dataset={**run["dataset"], "n_records": len(data)},
+             settings=settings, world_size=training_args.world_size, versions=package_versions())
+    if old is None and training_args.resume_from_checkpoint:  # resuming a run made before manifests existed
+        for name in dump_files(dump_args.dump_dir):
+            epoch = epoch_of(name)
+            extra = {"noprompt": True} if name.startswith(f"{NOPROMPT_SUBDIR}/") else {}
+            m["files"][name] = file_entry(os.path.join(dump_args.dump_dir, name), epoch, m["run_id"],
+                                                   partial=isinstance(epoch, float), adopted=True, **extra)
+        if m["files"]:
+            notice(f"note: {dump_args.dump_dir} has no manifest.json: its dumps {', '.join(m['files'])} are "
+                         f"taken as this run's (run {m['run_id']})")
+    return m, run["replace"]
