@@ -15,12 +15,13 @@ SCRIPTS = ["clustering", "dump_pplxs", "process_pickle", "subset", "train", "eva
 # bottom to top; a module may import only modules of lower layers
 LAYERS = [
     ("ground floor", ["utils"]),
-    ("formats, formulas, files", ["small2large.lp", "small2large.record_io", "small2large.dumps", "small2large.claims",
+    ("formats, formulas, files", ["small2large.lp", "small2large.record_io", "small2large.dumps",
+                                  "small2large.claim_files",
                                   "small2large.subset_files", "small2large.legacy_flags",
                                   "small2large.embedding", "small2large.kmeans"]),
-    ("records to tokens, manifests, checkpoints", ["small2large.rendering", "small2large.manifest",
-                                                   "small2large.checkpoints"]),
-    ("batches, ranking files", ["small2large.batching", "small2large.packing", "small2large.rankings"]),
+    ("records to tokens, manifests, claims", ["small2large.rendering", "small2large.manifest", "small2large.claims"]),
+    ("batches, ranking files, checkpoints", ["small2large.batching", "small2large.packing", "small2large.rankings",
+                                            "small2large.checkpoints"]),
     ("models, the scoring engine", ["small2large.models", "small2large.scoring"]),
     ("score tables, fine-tuning, generation", ["small2large.score_table", "small2large.finetune",
                                                 "small2large.generation"]),
