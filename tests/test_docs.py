@@ -14,6 +14,8 @@ block is expanded where `"${NAME[@]}"` uses it):
   required ones, types, choices) plus its own dataclasses' checks, except the TrainingArguments one
   (transformers' __post_init__ sets global state and would need a GPU for --bf16 / --tf32); the CPU
   fallback is not applied;
+* flags are given by their whole names (argparse would take a unique prefix as an abbreviation), and
+  train.py / dump_pplxs.py commands name --model_name_or_path (its default is no documented run's model);
 * an error that only says a named input file or folder does not exist is not a documentation error.
 
 A literal `...` argument means "other flags elided"; it is allowed only in a command whose last line carries
