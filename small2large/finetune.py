@@ -284,12 +284,16 @@ def fit(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         held: Sequence = ()):
     """The training both scripts share: load, tokenize, train (resuming if asked), save model, tokenizer
     and trainer_state.json to --output_dir. ``prepare(trainer, data, tokenizer)`` runs just before
-    training (dump_pplxs.py adds its perplexity callback there). Returns the trainer."""
-    resume = resolve_resume(training_args)
+    training (dump_pplxs.py adds its perplexity callback there). ``held``: the run's claims (claim_run),
+    checked before every checkpoint and the final save. Returns the trainer."""
+    guard = ClaimCallback(held)
+    resume = resolve_resume(training_args, run_id=run_id_of(held))
     model, tokenizer, data, trainer = setup(model_args, data_args, training_args)
+    trainer.add_callback(guard)
     if prepare is not None:
         prepare(trainer, data, tokenizer)
     trainer.train(resume_from_checkpoint=resume)
+    guard.check()  # the folders are still this run's before the final model is written
     trainer.save_state()  # trainer_state.json, world process zero only
     trainer.save_model(training_args.output_dir)  # gathers FSDP shards; writes from the main process only
     # (with LoRA: the adapter, adapter_config.json and adapter_model.safetensors)
