@@ -129,6 +129,10 @@ def _add_rendering_arguments(p: argparse.ArgumentParser) -> None:
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     """The "generation" group: length, sampling, batching, dtype and device of the generation."""
     g = p.add_argument_group("generation")
+    g.add_argument("--attn_implementation", default=None,
+                   choices=("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"),
+                   help="attention kernel of the evaluated models (as train.py's; torch_varlen has no key/value "
+                        "cache, so it cannot generate); default: transformers' choice")
     g.add_argument("--max_new_tokens", type=int, default=512,
                    help="longest response in tokens (512 suits open-ended test sets; ~64 for short answers)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

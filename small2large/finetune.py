@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from small2large import claims, record_io
 from small2large.batching import DataCollatorForSupervisedDataset, SupervisedDataset
+from small2large.budget_trainer import TokenBudget, TokenBudgetTrainer
 from small2large.checkpoints import newest_run_id, resolve_resume
 from small2large.legacy_flags import LegacyFlagError, cpu_fallback, translate_legacy_flags
 from small2large.models import (
@@ -123,6 +124,19 @@ class TrainingArguments(transformers.TrainingArguments):
                           "sequences (e.g. OPT, GPT-2). See README for when it is faster."},
     )
 
+    max_tokens_per_micro_batch: int | None = field(
+        default=None,  # None: the paper's micro-batches of --per_device_train_batch_size padded records
+        metadata={"help": "Regroup the records of each optimizer step (per_device_train_batch_size x "
+                          "gradient_accumulation_steps, the same records in the same steps) into as few packed "
+                          "micro-batches of at most this many tokens as fit: the same gradient, far fewer "
+                          "forward/backward passes. Best with a varlen --attn_implementation on a GPU; with sdpa "
+                          "rows are capped so attention never costs more than the padded batches."},
+    )
+    max_row_tokens: int | None = field(
+        default=None,  # None: the step's longest record (dense attention); varlen kernels use one row
+        metadata={"help": "With --max_tokens_per_micro_batch and a dense attention (sdpa, eager): the longest "
+                          "packed row. Default: the step's longest record."},
+    )
     steal_claim: bool = field(
         default=False,  # False: a folder claimed by a live run is refused (one run per output folder)
         metadata={"help": "Take over --output_dir (and dump_pplxs.py's --dump_dir) even if another run claims "
@@ -131,6 +145,10 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"--max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+        if self.max_tokens_per_micro_batch and self.padding_free:
+            raise ValueError("--max_tokens_per_micro_batch packs the records itself: drop --padding_free")
         if self.model_max_length < 1:
             raise ValueError(f"--model_max_length must be >= 1, got {self.model_max_length}")
         super().__post_init__()
@@ -176,11 +194,20 @@ def parse_args(argv: Sequence[str] | None = None, extra_dataclasses: Sequence[ty
 def build_trainer(model, tokenizer, train_data: SupervisedData, training_args: TrainingArguments,
                   callbacks: Sequence = ()) -> transformers.Trainer:
     """A Trainer over the tokenized records (no eval set): right-padded batches with the tokenizer's pad
-    id, or with --padding_free each batch packed into one row (after check_padding_free)."""
+    id, or with --padding_free each batch packed into one row, or with --max_tokens_per_micro_batch each
+    step's records regrouped into packed micro-batches (budget_trainer.TokenBudgetTrainer); both packed
+    paths first run check_padding_free."""
     padding_free = getattr(training_args, "padding_free", False)
-    if padding_free:
+    budget = getattr(training_args, "max_tokens_per_micro_batch", None)
+    if padding_free or budget:
         check_padding_free(model)
-    return transformers.Trainer(
+    trainer_class, extra = transformers.Trainer, {}
+    if budget:  # the same records per step, regrouped into packed micro-batches (budget_trainer)
+        trainer_class = TokenBudgetTrainer
+        extra["token_budget"] = TokenBudget.for_model(model, budget, tokenizer.pad_token_id,
+                                                      max_row_tokens=training_args.max_row_tokens)
+    return trainer_class(
+        **extra,
         model=model,
         args=training_args,
         train_dataset=SupervisedDataset(train_data),

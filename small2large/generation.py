@@ -123,16 +123,18 @@ def model_identity(path: str) -> str:
     return h.hexdigest()
 
 
-def load_model(path: str, model_max_length: int, device: str, dtype):
+def load_model(path: str, model_max_length: int, device: str, dtype, attn_implementation: str | None = None):
     """train.py's loading (models.load_model_and_tokenizer: float32, the paper's [PAD] with
     mean-initialised rows when the tokenizer has none; a train.py --lora_r folder: its base model with
     the adapter, models.load_adapted), then moved to ``device`` and ``dtype``, eval mode. Errors are
     headed "--models PATH: cannot load the model". Returns (model, tokenizer)."""
-    targs = SimpleNamespace(cache_dir=None, model_max_length=model_max_length)
+    targs = SimpleNamespace(cache_dir=None, model_max_length=model_max_length, use_cpu=not device.startswith("cuda"))
     if os.path.isdir(path) and is_adapter_folder(path):  # train.py --lora_r: base model + adapter
         model, tokenizer = load_adapted(path, targs, head=f"--models {path}: cannot load the model")
     else:
-        model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=path), targs,
+        margs = ModelArguments(model_name_or_path=path, attn_implementation=attn_implementation)
+        model, tokenizer = load_model_and_tokenizer(margs,
+                                                    targs,
                                                     head=f"--models {path}: cannot load the model")
     model.to(device=device, dtype=dtype)
     model.eval()
@@ -248,7 +250,8 @@ class ModelRunner:
             self.loaded.clear()  # one model in memory at a time
             device, dtype = resolve_device_dtype(self.args.device, self.args.dtype)
             print(f"loading {path} ({dtype}, {device})", flush=True)
-            self.loaded[path] = load_model(path, self.args.model_max_length, device, dtype)
+            self.loaded[path] = load_model(path, self.args.model_max_length, device, dtype,
+                                           getattr(self.args, "attn_implementation", None))
         return self.loaded[path]
 
 

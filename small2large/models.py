@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from small2large.attention import TORCH_VARLEN, is_varlen, register_torch_varlen, resolve_attn_implementation
 from small2large.batching import pack_batch, pad_batch
 from utils import UserError, notice
 
@@ -130,6 +131,23 @@ def load_tokenizer(path: str, cache_dir: str | None = None, head: str | None = N
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def attention_kwargs(model_args: ModelArguments, training_args) -> dict:
+    """from_pretrained's attn_implementation for --attn_implementation (none when not given), checked
+    against the packing the run uses (attention.resolve_attn_implementation: one-line errors)."""
+    name = getattr(model_args, "attn_implementation", None)
+    if not name:
+        return {}
+    import torch
+
+    packing = bool(getattr(training_args, "max_tokens_per_micro_batch", None) or
+                   getattr(training_args, "padding_free", False))
+    device = "cuda" if torch.cuda.is_available() and not getattr(training_args, "use_cpu", False) else "cpu"
+    impl = resolve_attn_implementation(name, packing=packing, device=device)
+    if impl == TORCH_VARLEN:
+        register_torch_varlen()
+    return {"attn_implementation": impl}
+
+
 def load_model_and_tokenizer(model_args: ModelArguments, training_args, head: str | None = None):
     """Load the causal LM in float32 (the Trainer applies bf16 autocast) and its tokenizer (right
     padding and truncation, model_max_length), then add the missing special tokens as the paper does
@@ -149,8 +167,10 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args, head: st
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            path, cache_dir=training_args.cache_dir, dtype=torch.float32
+            path, cache_dir=training_args.cache_dir, dtype=torch.float32, **attention_kwargs(model_args, training_args)
         )
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - a config transformers cannot build, a corrupt weight file, ...
         pkg = _missing_package(e) if isinstance(e, ImportError) else None
         what = f"needs the '{pkg}' package" if pkg else f"cannot load the model ({str(e).splitlines()[0] if str(e) else e!r})"
@@ -203,7 +223,8 @@ def load_adapted(adapter_dir: str, training_args, base: str | None = None,
         if not base:
             raise UserError(f"{head}: adapter_config.json names no "
                             "base_model_name_or_path")
-    model, tokenizer = load_model_and_tokenizer(ModelArguments(base, pad_embeddings_to_multiple_of), training_args, head)
+    model, tokenizer = load_model_and_tokenizer(ModelArguments(base, pad_embeddings_to_multiple_of=pad_embeddings_to_multiple_of),
+                                                training_args, head)
     return PeftModel.from_pretrained(model, adapter_dir), tokenizer
 
 
@@ -245,7 +266,7 @@ def check_padding_free(model) -> None:
     flat, _, pos = pack_batch(recs, recs)
     name = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')})"
     impl = getattr(model.config, "_attn_implementation", None)
-    probe_impl = "sdpa" if impl and "flash" in impl else impl
+    probe_impl = "sdpa" if impl and ("flash" in impl or is_varlen(impl)) else impl  # the same position ids
     was_training = model.training
     model.eval()
     try:
@@ -316,6 +337,15 @@ class ModelArguments:
         default=False,  # the adapter alone is saved (a few MB)
         metadata={"help": "With --lora_r: also save the base model with the adapter merged into its weights in "
                           "{output_dir}/merged (a plain model, loadable without peft)."},
+    )
+
+    attn_implementation: str | None = field(
+        default=None,  # None: transformers' own choice (sdpa where the model supports it), as today
+        metadata={"help": "Attention kernel: sdpa, eager, flex_attention, flash_attention_2/3 (needs flash-attn), "
+                          "torch_varlen (torch's own varlen flash kernel: CUDA, bf16/fp16, training and scoring "
+                          "only) or auto (with packing on a GPU: flash_attention_2, else torch_varlen, else sdpa). "
+                          "With --max_tokens_per_micro_batch or --padding_free a varlen kernel computes only each "
+                          "record's own attention. Default: transformers' choice."},
     )
 
     def __post_init__(self):
