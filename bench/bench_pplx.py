@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from small2large import attention  # noqa: E402
 from small2large.record_io import load_records  # noqa: E402
 from small2large.rendering import (
     SupervisedData,
@@ -113,6 +114,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights' dtype (fp32)")
     p.add_argument("--repeats", type=int, default=1, help="time each method this many times, keep the best (1)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--packed", action="store_true",
+                   help="ours: records packed into rows (score_pplxs packed=True, dump_pplxs.py --pplx_packing)")
+    p.add_argument("--attn_implementation", default=None,
+                   help="attention of the model for ours (e.g. torch_varlen on a GPU; default: transformers')")
     args = p.parse_args(argv)
     if args.n_records < 1 or args.batch_size < 1 or args.max_tokens < 1 or args.repeats < 1:
         p.error("--n_records, --batch_size, --max_tokens and --repeats must be >= 1")
@@ -138,9 +143,22 @@ def main(args=None):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    default_impl = model.config._attn_implementation
+
+    def ours(d):
+        if args.attn_implementation:
+            if args.attn_implementation == attention.TORCH_VARLEN:
+                attention.register_torch_varlen()
+            model.set_attn_implementation(args.attn_implementation)
+        try:
+            return score_pplxs(model, d, tok.pad_token_id, max_tokens=args.max_tokens, denominator="nonzero",
+                               progress=False, packed=args.packed)
+        finally:
+            model.set_attn_implementation(default_impl)
+
     warm = SupervisedData(data.input_ids[:8], data.labels[:8])  # warm-up (allocator, kernels), not timed
     paper_loop(model, warm, tok.pad_token_id, args.batch_size)
-    score_pplxs(model, warm, tok.pad_token_id, max_tokens=args.max_tokens, progress=False)
+    ours(warm)
     t_paper = t_ours = math.inf
     for _ in range(args.repeats):
         sync()
@@ -149,8 +167,7 @@ def main(args=None):
         sync()
         t_paper = min(t_paper, time.perf_counter() - t)
         t = time.perf_counter()
-        p_ours, stats = score_pplxs(model, data, tok.pad_token_id, max_tokens=args.max_tokens,
-                                    denominator="nonzero", progress=False)
+        p_ours, stats = ours(data)
         sync()
         t_ours = min(t_ours, time.perf_counter() - t)
     rel = max(abs(a - b) / abs(b) for a, b in zip(p_ours, p_paper))
@@ -160,7 +177,22 @@ def main(args=None):
     print(f"{'record tokens/s':24}{real / t_paper:>14.0f}{real / t_ours:>14.0f}")
     print(f"{'padding share':24}{1 - real / processed_paper:>14.1%}{stats.padding_share:>14.1%}")
     print(f"speed-up: {t_paper / t_ours:.2f}x   max relative difference of perplexities: {rel:.2e}   "
-          f"(token budget {args.max_tokens}, logits {stats.logits})")
+          f"(token budget {args.max_tokens}, logits {stats.logits}, packed {args.packed}, "
+          f"attention {args.attn_implementation or default_impl})")
+    if args.device.startswith("cuda"):  # MFU = 2 N tokens/s over a bf16 matmul peak timed now
+        n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+        a = torch.randn(8192, 8192, device=args.device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ a
+        sync()
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        sync()
+        peak = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t)
+        print(f"MFU: paper loop {2 * n * real / t_paper / peak:.1%}, ours {2 * n * real / t_ours / peak:.1%} "
+              f"(N = {n / 1e9:.3f}B, peak {peak / 1e12:.0f} TFLOP/s), peak memory "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return {"speedup": t_paper / t_ours, "max_rel_diff": rel, "padding_ours": stats.padding_share}
 
 

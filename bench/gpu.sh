@@ -9,7 +9,7 @@
 #      installed. Prints tokens/s, ratio, micro-batches per step, padding, attention entries, loss difference,
 #      peak memory and MFU (against a bf16 8192^3 matmul timed in the same run), with --optim adamw_torch (the
 #      paper's) and adamw_torch_fused;
-#   4. bench/bench_pplx.py: today's scoring engine on the sample data (record tokens/s; MFU = 2 N tokens/s / peak).
+#   4. bench/bench_pplx.py: the scoring engine on the sample data, length-sorted and packed (tokens/s, padding, MFU).
 # Logs go to $OUT (the device tool's output folder) if set, else runs/gpu-packing/.
 #     bash bench/gpu.sh
 set -uo pipefail
@@ -43,6 +43,9 @@ timeout 200 python3 bench/bench_packing.py --device cuda --bf16 --optim adamw_to
   --steps 5 --warmup 2 --max_tokens 16384 --packed_attn torch_varlen \
   --json "$OUT/bench-1.7b.json" 2>&1 | grep -v "^{'" | tee -a "$OUT/bench.log"
 
-echo "== 4. scoring today (score_pplxs, length-sorted padded batches): 1.1B-shape Llama, bf16, sample data" | tee -a "$OUT/bench.log"
-timeout 150 python3 bench/bench_pplx.py --data data/sample_train.json --n_records 2000 --device cuda --dtype bf16 \
-  --hidden_size 2048 --num_layers 22 --num_heads 32 --max_tokens 32768 2>&1 | tail -n 8 | tee -a "$OUT/bench.log"
+echo "== 4. scoring (score_pplxs): length-sorted batches, then packed with torch_varlen; 1.1B-shape Llama, bf16" | tee -a "$OUT/bench.log"
+for packed in "" "--packed --attn_implementation torch_varlen"; do
+  # shellcheck disable=SC2086
+  timeout 100 python3 bench/bench_pplx.py --data data/sample_train.json --n_records 2000 --device cuda --dtype bf16 \
+    --hidden_size 2048 --num_layers 22 --num_heads 32 --max_tokens 32768 $packed 2>&1 | tail -n 8 | tee -a "$OUT/bench.log"
+done

@@ -10,7 +10,9 @@ import time
 import warnings
 from dataclasses import dataclass
 
+from small2large.attention import is_varlen
 from small2large.batching import _collate, length_sorted_batches, shard_batches
+from small2large.packing import pack_rows, packed_record_losses, plan_scoring_batches
 from small2large.rendering import SupervisedData
 from utils import IGNORE_INDEX
 
@@ -296,7 +298,7 @@ def _after_oom(model, device) -> None:
 def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int | None = None,
                 denominator: str = "nonzero", logits: str = "scored", rank: int = 0, world_size: int = 1,
                 autocast=None, progress: bool = True, desc: str = "perplexity", device=None, comm=None,
-                chunk_elements: int = CE_CHUNK_ELEMENTS):
+                chunk_elements: int = CE_CHUNK_ELEMENTS, packed: bool = False):
     """Perplexity of every record of ``data`` (dataset order) with ``model``; returns (list of
     floats on every rank, ScoreStats of this rank's share). Exact: independent of ``max_tokens``,
     record order and ``world_size`` up to float32 rounding.
@@ -314,7 +316,13 @@ def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int 
     has work or ran out of memory, so a model whose forward holds collectives (FSDP, DeepSpeed
     ZeRO-3, tensor parallel) always pairs them. On out-of-memory every process halves the budget and
     re-splits its remaining batches, and the failed batch is retried; a single record that does not
-    fit is an error on every process. ``comm``: the collectives (default TorchComm)."""
+    fit is an error on every process. ``comm``: the collectives (default TorchComm).
+
+    ``packed``: the records are packed into rows under the budget (packing.plan_scoring_batches:
+    first-fit decreasing, padding below 1% at any budget) and scored with position ids restarting at
+    every record; with a varlen attention (flash, torch_varlen) each record attends only to itself,
+    with sdpa/eager transformers masks the other records out. The same perplexities up to float
+    rounding; off by default (the paper's batches, and faster with a dense mask)."""
     if logits not in LOGITS_MODES:
         raise ValueError(f"unknown logits mode {logits!r}")
     if device is None:
@@ -323,12 +331,13 @@ def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int 
         comm = TorchComm(world_size, device)
     input_ids, labels = data.input_ids, data.labels
     lengths = [len(x) for x in input_ids]
-    budget, queue = _batch_plan(model, lengths, max_tokens, device, comm, rank, world_size)
+    varlen = packed and is_varlen(getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None))
+    budget, queue = _batch_plan(model, lengths, max_tokens, device, comm, rank, world_size, packed, varlen)
     stats = ScoreStats(max_tokens_start=budget)
     results, logits_mode, budget = _score_pass(
         model, input_ids, labels, lengths, queue, budget, stats, pad_token_id=pad_token_id, device=device,
         denominator=denominator, logits_mode=logits, chunk_elements=chunk_elements, comm=comm, rank=rank,
-        autocast=autocast, progress=progress, desc=desc)
+        autocast=autocast, progress=progress, desc=desc, packed=packed, varlen=varlen)
     stats.logits, stats.max_tokens = logits_mode, budget
     pplxs = _gather_pplxs(results, len(input_ids), comm)
     stats.n_fully_truncated = data.n_fully_truncated
@@ -336,17 +345,61 @@ def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int 
 
 
 def _batch_plan(model, lengths: list[int], max_tokens: int | None, device, comm, rank: int,
-                world_size: int) -> tuple[int, list[list[int]]]:
-    """(token budget, this process's share of the length-sorted batches), one plan for every process."""
+                world_size: int, packed: bool = False, varlen: bool = False) -> tuple[int, list]:
+    """(token budget, this process's share of the batches), one plan for every process: length-sorted
+    batches of record indices, or with ``packed`` packed micro-batches (lists of rows of indices)."""
     budget = max_tokens or default_token_budget(model, device)
     if comm is not None:  # one batch plan for all: the smallest budget (free memory differs by process)
         budget = min(comm.gather(budget))
-    batches = length_sorted_batches(lengths, budget)
+    batches = _plan(lengths, list(range(len(lengths))), budget, packed, varlen)
     return budget, [batches[b] for b in shard_batches(len(batches), rank, world_size)]
 
 
+def _plan(lengths: list[int], indices: list[int], budget: int, packed: bool, varlen: bool) -> list:
+    """Batches of the records ``indices`` under ``budget``: length-sorted lists of indices, or with
+    ``packed`` packed micro-batches (lists of rows of indices)."""
+    sub = [lengths[i] for i in indices]
+    if packed:
+        return [[[indices[i] for i in row] for row in mb] for mb in plan_scoring_batches(sub, budget, varlen=varlen)]
+    return [[indices[i] for i in b] for b in length_sorted_batches(sub, budget)]
+
+
+def _records_of(item, packed: bool) -> list[int]:
+    """The record indices of one batch of the plan (a packed micro-batch: its rows, in order)."""
+    return [i for row in item for i in row] if packed else item
+
+
+def _run_batch(model, input_ids, labels, item, *, pad_token_id, device, denominator, logits_mode, chunk_elements,
+               packed, varlen):
+    """Score one batch of the plan: (record indices, their mean losses, real tokens, tokens run)."""
+    if not packed:
+        ids, lab, att = _collate(input_ids, labels, item, pad_token_id, device)
+        losses = _batch_losses(model, ids, lab, att, denominator, logits_mode, chunk_elements)
+        return item, losses, int(att.sum()), att.numel()
+    b = pack_rows(_Pairs(input_ids, labels), item, pad_token_id, device=device)
+    inputs = b.model_inputs(varlen)
+    inputs.pop("labels")
+    if logits_mode == "scored":  # the vocabulary projection only at the scored positions
+        inputs["logits_to_keep"] = b.scored_positions()
+    logits = model(**inputs).logits
+    return b.order, packed_record_losses(logits, b, denominator, chunk_elements), b.real_tokens, b.padded_tokens
+
+
+class _Pairs:
+    """(input_ids[i], labels[i]) by index, without building the list of pairs."""
+
+    def __init__(self, input_ids, labels):
+        self.input_ids, self.labels = input_ids, labels
+
+    def __getitem__(self, i):
+        return self.input_ids[i], self.labels[i]
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
 def _score_pass(model, input_ids, labels, lengths, queue, budget, stats, *, pad_token_id, device, denominator,
-                logits_mode, chunk_elements, comm, rank, autocast, progress, desc):
+                logits_mode, chunk_elements, comm, rank, autocast, progress, desc, packed=False, varlen=False):
     """Decide the logits mode, then score ``queue`` in eval mode under no_grad (and ``autocast``); sets
     stats.seconds and returns (results [(indices, perplexities)], the logits mode, the final budget)."""
     import torch
@@ -370,9 +423,10 @@ def _score_pass(model, input_ids, labels, lengths, queue, budget, stats, *, pad_
                 warnings.warn(f"scoring with full logits: the model cannot project only the scored positions "
                               f"({reason})", stacklevel=3)
             budget = _score_lockstep(
-                model, input_ids, labels, lengths, queue, dummy, budget, stats, results, pad_token_id=pad_token_id,
-                device=device, denominator=denominator, logits_mode=logits_mode, chunk_elements=chunk_elements,
-                comm=comm, rank=rank, progress=progress, desc=desc)
+                model, input_ids, labels, lengths, queue, [dummy] if packed else dummy, budget, stats, results,
+                pad_token_id=pad_token_id, device=device, denominator=denominator, logits_mode=logits_mode,
+                chunk_elements=chunk_elements, comm=comm, rank=rank, progress=progress, desc=desc, packed=packed,
+                varlen=varlen)
     finally:
         model.train(was_training)
     stats.seconds = time.perf_counter() - t0
@@ -380,7 +434,8 @@ def _score_pass(model, input_ids, labels, lengths, queue, budget, stats, *, pad_
 
 
 def _score_lockstep(model, input_ids, labels, lengths, queue, dummy, budget, stats, results, *, pad_token_id,
-                    device, denominator, logits_mode, chunk_elements, comm, rank, progress, desc) -> int:
+                    device, denominator, logits_mode, chunk_elements, comm, rank, progress, desc, packed=False,
+                    varlen=False) -> int:
     """Score the batches of ``queue`` in lockstep with the other processes (see score_pplxs), appending
     (indices, perplexities) to ``results``; returns the final token budget."""
     import torch
@@ -397,19 +452,20 @@ def _score_lockstep(model, input_ids, labels, lengths, queue, dummy, budget, sta
                 f"out of memory scoring a single record ({'here' if fatal else 'on another process'}; "
                 f"budget {budget} tokens): lower --model_max_length or use more or larger GPUs")
         if any_oom:  # every process: half the budget, its remaining batches re-split under it
-            queue, budget = _halve_budget(queue, lengths, budget, stats, bar)
+            queue, budget = _halve_budget(queue, lengths, budget, stats, bar, packed, varlen)
         if not any_work:
             break
-        idx = queue[0] if queue else dummy
-        ids, lab, att = _collate(input_ids, labels, idx, pad_token_id, device)
+        item = queue[0] if queue else dummy
         stats.n_forward += 1
         try:
-            losses = _batch_losses(model, ids, lab, att, denominator, logits_mode, chunk_elements)
+            idx, losses, real, run = _run_batch(
+                model, input_ids, labels, item, pad_token_id=pad_token_id, device=device, denominator=denominator,
+                logits_mode=logits_mode, chunk_elements=chunk_elements, packed=packed, varlen=varlen)
             oom = False
         except Exception as e:
             if not is_oom(e):
                 raise
-            oom, fatal = True, len(idx) == 1
+            oom, fatal = True, len(_records_of(item, packed)) == 1
             del e
             _after_oom(model, device)
             continue
@@ -420,18 +476,17 @@ def _score_lockstep(model, input_ids, labels, lengths, queue, dummy, budget, sta
         results.append((idx, torch.exp(losses).cpu().tolist()))
         stats.n_batches += 1
         stats.n_records += len(idx)
-        stats.real_tokens += int(att.sum())
-        stats.processed_tokens += att.numel()
+        stats.real_tokens += real
+        stats.processed_tokens += run
     bar.close()
     return budget
 
 
-def _halve_budget(queue, lengths, budget, stats, bar) -> tuple[list[list[int]], int]:
+def _halve_budget(queue, lengths, budget, stats, bar, packed=False, varlen=False) -> tuple[list, int]:
     """After an out-of-memory error on any process: (the remaining batches re-split under half the budget, it)."""
     budget = max(1, budget // 2)
     stats.n_oom_retries += 1
-    queue = [[b[i] for i in sub] for b in queue
-             for sub in length_sorted_batches([lengths[i] for i in b], budget)]
+    queue = [sub for item in queue for sub in _plan(lengths, _records_of(item, packed), budget, packed, varlen)]
     bar.total = bar.n + len(queue)
     logger.warning("out of memory while scoring: token budget halved to %d", budget)
     return queue, budget
