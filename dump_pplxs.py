@@ -109,15 +109,12 @@ def main(args=None, callbacks: Sequence = ()):
         )
     # one run per folder, claimed before anything is loaded (--score_only writes no --output_dir)
     owned = [dump_args.dump_dir] if dump_args.score_only else [training_args.output_dir, dump_args.dump_dir]
-    held = finetune.claim_run(training_args, owned)
-    try:
+    with finetune.claimed_run(training_args, owned) as held:
         return train_and_dump(model_args, data_args, training_args, dump_args, held, callbacks)
-    finally:
-        finetune.release_run(held)
 
 
 def train_and_dump(model_args, data_args, training_args, dump_args, held: Sequence, callbacks: Sequence = ()) -> list[str]:
-    """main() once the run holds its folders (``held``: finetune.claim_run's claims)."""
+    """main() once the run holds its folders (``held``: finetune.claimed_run's claims)."""
     if dump_args.score_only:  # dumps of the model as it is, no training
         return score_only(model_args, data_args, training_args, dump_args, held)
     ckpt = checkpoints.resolve_resume(training_args, finetune.run_id_of(held))  # the newest complete one for "last"

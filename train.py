@@ -68,11 +68,8 @@ def parse_args(argv=None) -> tuple:
 def main(args=None):
     if args is None or isinstance(args, (list, tuple)) and (not args or isinstance(args[0], str)):
         args = parse_args(args)
-    held = finetune.claim_run(args[2])  # one run per --output_dir, before anything is loaded
-    try:
+    with finetune.claimed_run(args[2]) as held:  # one run per --output_dir, before anything is loaded
         return finetune.fit(*args[:3], held=held)
-    finally:
-        finetune.release_run(held)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ What transformers 5.23 does with a packed row (position ids restart, no 2D atten
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -158,14 +159,26 @@ def _kernel():
     return _varlen_kernel
 
 
+@functools.lru_cache(maxsize=8)
+def _kernel_params(kernel) -> frozenset:
+    """The parameter names of a varlen kernel (read once per kernel, not at every attention call)."""
+    import inspect
+
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+def implementation_of(model) -> str | None:
+    """The attention implementation a (possibly wrapped) transformers model runs, or None."""
+    model = getattr(model, "module", model)  # DDP and similar wrappers
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def _kernel_call(q, k, v, scaling, window, causal: bool):
     """(q, k, v, keyword arguments) for the installed torch's varlen_attn, by the parameters it has:
     torch 2.13 takes scale, window_size and enable_gqa; 2.11 scale and window_size (no grouped-query
     attention: the key/value heads are repeated); 2.10 is_causal only (no scale or sliding window:
     refused). A kernel that shows none of window_size / is_causal is refused rather than run non-causal."""
-    import inspect
-
-    params = inspect.signature(_kernel()).parameters
+    params = _kernel_params(_kernel())
     hq, hk = q.shape[1], k.shape[1]
     call = {}
     if "window_size" in params:

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from small2large.attention import FLASH, TORCH_VARLEN, is_varlen, resolve_attn_implementation
+from small2large.attention import (
+    FLASH,
+    TORCH_VARLEN,
+    implementation_of,
+    is_varlen,
+    resolve_attn_implementation,
+)
 from small2large.packing import (
     TOKEN_WEIGHT_KEY,
     batch_records,
@@ -66,7 +72,7 @@ class TokenBudget:
                   pad_to_multiple_of: int = 1) -> TokenBudget:
         """The budget for ``model``: varlen when its attention implementation is a varlen one; an
         implementation that cannot take packed rows is a UserError (resolve_attn_implementation)."""
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+        impl = implementation_of(model) or "eager"
         device = next((p.device for p in model.parameters()), None)
         if impl not in (TORCH_VARLEN, *FLASH):  # those were checked when the model was loaded
             resolve_attn_implementation(impl, packing=True, device=device)

@@ -128,7 +128,7 @@ class PerplexityDumpCallback(TrainerCallback):
 
     def __init__(self, data: SupervisedData, pad_token_id: int, dump_args: DumpArguments, held: Sequence = ()):
         self.data = data
-        self.held = list(held)  # the run's folder claims (finetune.claim_run): checked before every write
+        self.held = list(held)  # the run's folder claims (finetune.claimed_run): checked before every write
         self.pad_token_id = pad_token_id
         self.dump_args = dump_args
         self.trainer = None  # set by attach(); gives the (wrapped) model, accelerator and ranks

@@ -246,38 +246,35 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
     return model, tokenizer, data, build_trainer(model, tokenizer, data, training_args)
 
 
-def claim_run(training_args: TrainingArguments, folders: Sequence[str] | None = None) -> list:
-    """Claim ``folders`` (default: --output_dir; the first one holds the checkpoints) for this run (small2large.claims), before anything is
-    loaded: a live run holding one of them is a one-line ClaimHeld. Only the job's main process claims
-    (torchrun: global rank 0, for every node); the others get FollowerClaims. A resumed run continues
-    the run that owns the folder: its claim file's run id, else its newest checkpoint's. Returns the
-    claims (release them, or leave it to the process's exit)."""
+@contextlib.contextmanager
+def claimed_run(training_args: TrainingArguments, folders: Sequence[str] | None = None):
+    """``with claimed_run(training_args, folders) as held:`` claims ``folders`` (default: --output_dir;
+    the first one holds the checkpoints) for the run (small2large.claims) before anything is loaded,
+    and releases them at the end, also on an error; a folder that claiming created and the run left
+    empty is removed again. A live run holding one of them is a one-line ClaimHeld. Only the job's main
+    process claims (torchrun: global rank 0, for every node); the others get FollowerClaims. A resumed
+    run continues the run that owns the folder: its claim file's run id, else its newest checkpoint's."""
     folders = list(dict.fromkeys(os.path.abspath(f) for f in (folders or [training_args.output_dir])))
     run_id = None
     if training_args.resume_from_checkpoint:  # the same on every process: they resume the same checkpoint
         run_id = claims.owner_run_id(folders[0]) or newest_run_id(folders[0])
     if not is_main_rank():
-        return [claims.FollowerClaim(f, run_id) for f in folders]
-    held = []
+        yield [claims.FollowerClaim(f, run_id) for f in folders]
+        return
+    held, created = [], []
     try:
         for folder in folders:
-            created = not os.path.exists(folder)
+            if not os.path.exists(folder):
+                created.append(folder)
             held.append(claims.claim_folder(folder, steal=training_args.steal_claim, run_id=run_id))
-            held[-1].created_folder = created  # release_run removes it again if the run wrote nothing
             run_id = held[0].run_id
-    except BaseException:
-        release_run(held)
-        raise
-    return held
-
-
-def release_run(held: Sequence) -> None:
-    """Release the run's claims; a folder that claiming created and that is still empty is removed."""
-    for c in held:
-        c.release()
-        if getattr(c, "created_folder", False):
+        yield held
+    finally:
+        for c in held:
+            c.release()
+        for folder in created:
             with contextlib.suppress(OSError):  # not empty: the run wrote something
-                os.rmdir(c.folder)
+                os.rmdir(folder)
 
 
 def run_id_of(held: Sequence) -> str | None:
@@ -287,7 +284,7 @@ def run_id_of(held: Sequence) -> str | None:
 
 class ClaimCallback(transformers.TrainerCallback):
     """Checks before every checkpoint that the run still owns its folders (ClaimLost otherwise), and
-    records the run id in every checkpoint it saves (claims.write_run_id), so that
+    records the run id in every checkpoint it saves (Claim.stamp; a FollowerClaim writes nothing), so that
     --resume_from_checkpoint last never picks another run's checkpoint."""
 
     def __init__(self, held: Sequence):
@@ -303,15 +300,15 @@ class ClaimCallback(transformers.TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if self.held and state.is_world_process_zero and os.path.isdir(ckpt):
-            claims.write_run_id(ckpt, self.held[0].run_id)
+        if self.held and os.path.isdir(ckpt):
+            self.held[0].stamp(ckpt)
 
 
 def fit(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, prepare=None,
         held: Sequence = ()):
     """The training both scripts share: load, tokenize, train (resuming if asked), save model, tokenizer
     and trainer_state.json to --output_dir. ``prepare(trainer, data, tokenizer)`` runs just before
-    training (dump_pplxs.py adds its perplexity callback there). ``held``: the run's claims (claim_run),
+    training (dump_pplxs.py adds its perplexity callback there). ``held``: the run's claims (claimed_run),
     checked before every checkpoint and the final save. Returns the trainer."""
     guard = ClaimCallback(held)
     resume = resolve_resume(training_args, run_id=run_id_of(held))

@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from small2large.attention import is_varlen
+from small2large.attention import implementation_of, is_varlen
 from small2large.batching import _collate, length_sorted_batches, shard_batches
 from small2large.packing import pack_rows, packed_record_losses, plan_scoring_batches
 from small2large.rendering import SupervisedData
@@ -331,7 +331,7 @@ def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int 
         comm = TorchComm(world_size, device)
     input_ids, labels = data.input_ids, data.labels
     lengths = [len(x) for x in input_ids]
-    varlen = packed and is_varlen(getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None))
+    varlen = packed and is_varlen(implementation_of(_unwrap(model)))
     budget, queue = _batch_plan(model, lengths, max_tokens, device, comm, rank, world_size, packed, varlen)
     stats = ScoreStats(max_tokens_start=budget)
     results, logits_mode, budget = _score_pass(
