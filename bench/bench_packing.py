@@ -27,6 +27,7 @@ embedding, the peak a bf16 matmul of two 8192 x 8192 matrices timed in this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -40,6 +41,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.profiling import bf16_peak, print_profile, summarize_profile  # noqa: E402
 from small2large import (
     attention,  # noqa: E402
     budget_trainer,  # noqa: E402
@@ -112,6 +114,30 @@ class PadCollate:
         return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
 
+class Profile(transformers.TrainerCallback):
+    """torch.profiler over --profile_steps optimizer steps after the warm-up: GPU time per step by kind of
+    kernel, and the time the GPU sat idle (wall time minus kernel time; one stream, so kernels barely overlap)."""
+
+    def __init__(self, start: int, steps: int):
+        self.start, self.steps, self.prof, self.t0, self.summary = start, steps, None, 0.0, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.start and self.prof is None:
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is None or self.summary is not None or state.global_step < self.start + self.steps:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        self.summary = summarize_profile(self.prof, wall, self.steps)
+
+
 class Clock(transformers.TrainerCallback):
     def __init__(self, cuda: bool):
         self.cuda, self.ends, self.losses = cuda, [], []
@@ -136,7 +162,29 @@ def make_model(a, attn: str, device: str):
         return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
 
 
-def run(a, shapes, name: str, attn: str, budget_tokens: int | None, device: str) -> dict:
+@contextlib.contextmanager
+def llama_patches_restored():
+    """liger-kernel replaces transformers' Llama classes and functions in the module itself (not only in
+    the model it is given): put them back, so a later path of this process runs without it."""
+    from transformers.models.llama import modeling_llama as m
+
+    saved = dict(vars(m))
+    forwards = {k: v.__dict__.get("forward") for k, v in saved.items() if isinstance(v, type)}
+    try:
+        yield
+    finally:
+        for k in [k for k in vars(m) if k not in saved]:
+            delattr(m, k)
+        for k, v in saved.items():
+            setattr(m, k, v)
+        for k, fwd in forwards.items():
+            if fwd is not None:
+                saved[k].forward = fwd
+
+
+def run(a, shapes, name: str, attn: str, budget_tokens: int | None, device: str, extras: frozenset = frozenset()) -> dict:
+    """One path: ``extras`` holds "liger" (--use_liger_kernel: fused RMSNorm, RoPE, SwiGLU and linear
+    cross-entropy) and/or "compile" (--torch_compile)."""
     cuda = device == "cuda"
     model = make_model(a, attn, device)
     if a.activation_checkpointing:
@@ -144,14 +192,19 @@ def run(a, shapes, name: str, attn: str, budget_tokens: int | None, device: str)
     collate = PadCollate()
     clock = Clock(cuda)
     steps = a.warmup + a.steps
+    callbacks = [clock]
+    profile = Profile(a.warmup, min(a.profile_steps, a.steps)) if a.profile and cuda else None
+    if profile:
+        callbacks.append(profile)
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
             output_dir=out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=a.accum,
             max_steps=steps, learning_rate=2e-5, optim=a.optim, warmup_steps=0, weight_decay=0.0, seed=a.seed,
             report_to=[], dataloader_num_workers=0, use_cpu=not cuda, bf16=a.bf16, save_strategy="no",
-            logging_strategy="steps", logging_steps=1, disable_tqdm=True)
+            logging_strategy="steps", logging_steps=1, disable_tqdm=True,
+            use_liger_kernel="liger" in extras, torch_compile="compile" in extras)
         kw = dict(model=model, args=args, train_dataset=Records(shapes, a.vocab, a.seed), data_collator=collate,
-                  callbacks=[clock])
+                  callbacks=callbacks)
         if budget_tokens is None:
             trainer = transformers.Trainer(**kw)
         else:
@@ -169,7 +222,7 @@ def run(a, shapes, name: str, attn: str, budget_tokens: int | None, device: str)
     real = sum(x[0] for x in timed)
     res = {"name": name, "attn": attn, "seconds": seconds, "tokens_per_s": real / seconds, "losses": clock.losses,
            "records_per_step": per_step, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "params": model.num_parameters(exclude_embeddings=True)}
+           "params": model.num_parameters(exclude_embeddings=True), "profile": profile.summary if profile else None}
     if budget_tokens is None:
         res.update(micro_batches=a.accum, padding=1 - sum(x[0] for x in collate.log) / sum(x[1] for x in collate.log),
                    attention=sum(x[2] for x in collate.log) / steps)
@@ -183,20 +236,6 @@ def run(a, shapes, name: str, attn: str, budget_tokens: int | None, device: str)
     if cuda:
         torch.cuda.empty_cache()
     return res
-
-
-def bf16_peak(reps: int = 10) -> float:
-    """FLOP/s of a bf16 8192 x 8192 matmul on this GPU (2 * 8192^3 FLOPs each)."""
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        x @ y
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        x @ y
-    torch.cuda.synchronize()
-    return reps * 2 * 8192**3 / (time.perf_counter() - t)
 
 
 def main(argv=None):
@@ -218,7 +257,8 @@ def main(argv=None):
     ap.add_argument("--attn", default="sdpa", help="padded path's attention")
     ap.add_argument("--packed_attn", default="sdpa",
                     help="comma-separated attention implementations of packed runs (auto, sdpa, eager, "
-                         "flex_attention, torch_varlen, flash_attention_2, ...)")
+                         "flex_attention, torch_varlen, flash_attention_2, ...), each optionally with +liger "
+                         "(--use_liger_kernel) and/or +compile (--torch_compile), e.g. torch_varlen+liger")
     ap.add_argument("--data", default=None, help="JSON list of Alpaca records (else synthesized lengths)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer for --data's lengths (else 4 characters a token)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -228,6 +268,10 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="runs of each path, alternating; the fastest is kept")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: torch.profiler over --profile_steps timed steps of every path; prints GPU time by "
+                         "kind of kernel and idle time (the profiled steps run slower: time those without it)")
+    ap.add_argument("--profile_steps", type=int, default=2)
     a = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     budget = a.max_tokens or 8192
@@ -244,19 +288,23 @@ def main(argv=None):
           f"{'from ' + a.data if a.data else 'synthesized'}: mean {sum(t for _, t in shapes) / len(shapes):.0f} tokens; "
           f"budget {budget} tokens", flush=True)
     peak = bf16_peak() if device == "cuda" else None
-    paths = [("padded", a.attn, None)]
-    for impl in [x.strip() for x in a.packed_attn.split(",") if x.strip()]:
+    paths = [("padded", a.attn, None, frozenset())]
+    for spec in [x.strip() for x in a.packed_attn.split(",") if x.strip()]:
+        impl, *extras = spec.split("+")
+        if set(extras) - {"liger", "compile"}:
+            ap.error(f"--packed_attn {spec}: the extras are +liger and +compile")
         try:
             resolved = attention.resolve_attn_implementation(impl, packing=True, device=device)
         except UserError as e:
-            print(f"packed {impl}: skipped ({e})", flush=True)
+            print(f"packed {spec}: skipped ({e})", flush=True)
             continue
-        paths.append((f"packed {resolved}", resolved, budget))
+        paths.append((f"packed {'+'.join([resolved, *extras])}", resolved, budget, frozenset(extras)))
     best: dict[str, dict] = {}
     for _ in range(a.repeat):  # the paths alternate; each keeps its fastest run (a shared machine is noisy)
-        for name, impl, tokens in paths:
+        for name, impl, tokens, extras in paths:
             try:
-                r = run(a, shapes, name, impl, tokens, device)
+                with llama_patches_restored():
+                    r = run(a, shapes, name, impl, tokens, device, extras)
             except Exception as e:  # noqa: BLE001 - one implementation failing must not lose the others' figures
                 print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", flush=True)
                 gc.collect()
@@ -266,7 +314,7 @@ def main(argv=None):
             print(f"  {name}: {r['tokens_per_s']:.0f} tokens/s", flush=True)
             if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
                 best[name] = r
-    results = [best[name] for name, _, _ in paths if name in best]
+    results = [best[name] for name, *_ in paths if name in best]
     if not results or results[0]["name"] != "padded":
         raise SystemExit("the padded path failed: nothing to compare with")
     base = results[0]
@@ -282,6 +330,9 @@ def main(argv=None):
             r["mfu"] = mfu
             line += f"{r['peak_gib']:>10.1f}{100 * mfu:>7.1f}%"
         print(line, flush=True)
+    for r in results:
+        if r.get("profile"):
+            print_profile(r["name"], r["profile"])
     if peak:
         print(f"bf16 matmul peak measured: {peak / 1e12:.0f} TFLOP/s; N = {base['params'] / 1e9:.3f}B parameters")
     for r in results[1:]:

@@ -19,6 +19,7 @@ tokens, and the largest relative difference between the two sets of perplexities
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -27,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.profiling import bf16_peak, print_profile, summarize_profile  # noqa: E402
 from small2large import attention  # noqa: E402
 from small2large.record_io import load_records  # noqa: E402
 from small2large.rendering import (
@@ -118,8 +120,18 @@ def parse_args(argv=None):
                    help="ours: records packed into rows (score_pplxs packed=True, dump_pplxs.py --pplx_packing)")
     p.add_argument("--attn_implementation", default=None,
                    help="attention of the model for ours (e.g. torch_varlen on a GPU; default: transformers')")
+    p.add_argument("--json", default=None, help="also write the figures here (bench/gpu_table.py reads them)")
+    p.add_argument("--skip_paper", action="store_true", help="time ours only (the paper's loop is slow on a GPU)")
+    p.add_argument("--ours_repeats", type=int, default=0,
+                   help="time ours this many times (0: --repeats; the paper's loop is the slow one)")
+    p.add_argument("--liger", action="store_true",
+                   help="CUDA: liger-kernel's RMSNorm, RoPE and SwiGLU in the model for both (what dump_pplxs.py "
+                        "--use_liger_kernel gives its scoring passes)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for ours")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: torch.profiler over one more pass of ours: GPU time by kind of kernel, idle time")
     args = p.parse_args(argv)
-    if args.n_records < 1 or args.batch_size < 1 or args.max_tokens < 1 or args.repeats < 1:
+    if args.n_records < 1 or args.batch_size < 1 or args.max_tokens < 1 or args.repeats < 1 or args.ours_repeats < 0:
         p.error("--n_records, --batch_size, --max_tokens and --repeats must be >= 1")
     return args
 
@@ -144,6 +156,12 @@ def main(args=None):
             torch.cuda.synchronize()
 
     default_impl = model.config._attn_implementation
+    if args.liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+    scorer = torch.compile(model) if args.compile else model
 
     def ours(d):
         if args.attn_implementation:
@@ -151,49 +169,71 @@ def main(args=None):
                 attention.register_torch_varlen()
             model.set_attn_implementation(args.attn_implementation)
         try:
-            return score_pplxs(model, d, tok.pad_token_id, max_tokens=args.max_tokens, denominator="nonzero",
+            return score_pplxs(scorer, d, tok.pad_token_id, max_tokens=args.max_tokens, denominator="nonzero",
                                progress=False, packed=args.packed)
         finally:
             model.set_attn_implementation(default_impl)
 
     warm = SupervisedData(data.input_ids[:8], data.labels[:8])  # warm-up (allocator, kernels), not timed
-    paper_loop(model, warm, tok.pad_token_id, args.batch_size)
+    if not args.skip_paper:
+        paper_loop(model, warm, tok.pad_token_id, args.batch_size)
     ours(warm)
     t_paper = t_ours = math.inf
-    for _ in range(args.repeats):
-        sync()
-        t = time.perf_counter()
-        p_paper, processed_paper = paper_loop(model, data, tok.pad_token_id, args.batch_size)
-        sync()
-        t_paper = min(t_paper, time.perf_counter() - t)
-        t = time.perf_counter()
-        p_ours, stats = ours(data)
-        sync()
-        t_ours = min(t_ours, time.perf_counter() - t)
-    rel = max(abs(a - b) / abs(b) for a, b in zip(p_ours, p_paper))
-    print(f"{'':24}{'paper loop':>14}{'ours':>14}")
-    print(f"{'batches':24}{math.ceil(len(data) / args.batch_size):>14}{stats.n_batches:>14}")
-    print(f"{'seconds':24}{t_paper:>14.2f}{t_ours:>14.2f}")
-    print(f"{'record tokens/s':24}{real / t_paper:>14.0f}{real / t_ours:>14.0f}")
-    print(f"{'padding share':24}{1 - real / processed_paper:>14.1%}{stats.padding_share:>14.1%}")
-    print(f"speed-up: {t_paper / t_ours:.2f}x   max relative difference of perplexities: {rel:.2e}   "
-          f"(token budget {args.max_tokens}, logits {stats.logits}, packed {args.packed}, "
-          f"attention {args.attn_implementation or default_impl})")
+    for k in range(max(args.repeats, args.ours_repeats or args.repeats)):
+        if k < args.repeats and not args.skip_paper:
+            sync()
+            t = time.perf_counter()
+            p_paper, processed_paper = paper_loop(model, data, tok.pad_token_id, args.batch_size)
+            sync()
+            t_paper = min(t_paper, time.perf_counter() - t)
+        if k < (args.ours_repeats or args.repeats):
+            sync()
+            t = time.perf_counter()
+            p_ours, stats = ours(data)
+            sync()
+            t_ours = min(t_ours, time.perf_counter() - t)
+    if args.skip_paper:
+        print(f"ours: {len(data)} records, {stats.n_batches} batches, {t_ours:.2f} s, {real / t_ours:.0f} record "
+              f"tokens/s, padding {stats.padding_share:.1%} (token budget {args.max_tokens}, logits {stats.logits}, "
+              f"packed {args.packed}, attention {args.attn_implementation or default_impl}, liger {args.liger}, "
+              f"compile {args.compile})")
+        t_paper, processed_paper, rel = math.nan, real, math.nan
+    else:
+        rel = max(abs(a - b) / abs(b) for a, b in zip(p_ours, p_paper))
+        print(f"{'':24}{'paper loop':>14}{'ours':>14}")
+        print(f"{'batches':24}{math.ceil(len(data) / args.batch_size):>14}{stats.n_batches:>14}")
+        print(f"{'seconds':24}{t_paper:>14.2f}{t_ours:>14.2f}")
+        print(f"{'record tokens/s':24}{real / t_paper:>14.0f}{real / t_ours:>14.0f}")
+        print(f"{'padding share':24}{1 - real / processed_paper:>14.1%}{stats.padding_share:>14.1%}")
+        print(f"speed-up: {t_paper / t_ours:.2f}x   max relative difference of perplexities: {rel:.2e}   "
+              f"(token budget {args.max_tokens}, logits {stats.logits}, packed {args.packed}, "
+              f"attention {args.attn_implementation or default_impl})")
+    mfu_ours = mfu_paper = None
     if args.device.startswith("cuda"):  # MFU = 2 N tokens/s over a bf16 matmul peak timed now
         n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-        a = torch.randn(8192, 8192, device=args.device, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ a
-        sync()
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ a
-        sync()
-        peak = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t)
-        print(f"MFU: paper loop {2 * n * real / t_paper / peak:.1%}, ours {2 * n * real / t_ours / peak:.1%} "
+        peak = bf16_peak()
+        mfu_ours, mfu_paper = 2 * n * real / t_ours / peak, 2 * n * real / t_paper / peak
+        paper = "" if args.skip_paper else f"paper loop {mfu_paper:.1%}, "
+        print(f"MFU: {paper}ours {2 * n * real / t_ours / peak:.1%} "
               f"(N = {n / 1e9:.3f}B, peak {peak / 1e12:.0f} TFLOP/s), peak memory "
               f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    return {"speedup": t_paper / t_ours, "max_rel_diff": rel, "padding_ours": stats.padding_share}
+    if args.profile and args.device.startswith("cuda"):
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            ours(data)
+            sync()
+            wall = time.perf_counter() - t
+        print_profile("ours (one pass over the records)", summarize_profile(prof, wall, 1))
+    res = {"speedup": t_paper / t_ours, "max_rel_diff": rel, "padding_ours": stats.padding_share,
+           "tokens_per_s_ours": real / t_ours, "tokens_per_s_paper": real / t_paper, "mfu_ours": mfu_ours,
+           "mfu_paper": mfu_paper, "packed": args.packed, "liger": args.liger, "compile": args.compile,
+           "attention": args.attn_implementation or default_impl, "max_tokens": args.max_tokens}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+    return res
 
 
 if __name__ == "__main__":

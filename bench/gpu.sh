@@ -1,51 +1,86 @@
 #!/usr/bin/env bash
-# GPU checks of small2large/packing.py (issue 17, "The GPU does the work"), ~3 minutes on one H200:
-#   1. tests/test_packing.py -m gpu: torch's varlen flash kernel (attention "torch_varlen", registered by
-#      small2large/packing.py) on packed rows against sdpa, bf16;
-#   2-3. bench/bench_packing.py on a random 1.1B Llama (and a 1.7B with a 49,152 vocabulary) (hidden 2048, 22 layers, 32 heads, 4 kv heads, MLP 5632,
-#      vocab 32000; TinyLlama's shape), bf16 autocast, the paper's 4 records x 8 accumulation steps, records
-#      ~ lognormal around 180 tokens: the padded path (sdpa) against token-budget micro-batches (16384 tokens)
-#      with sdpa (capped rows, dense document mask), torch_varlen, and flash_attention_2 when flash-attn is
-#      installed. Prints tokens/s, ratio, micro-batches per step, padding, attention entries, loss difference,
-#      peak memory and MFU (against a bf16 8192^3 matmul timed in the same run), with --optim adamw_torch (the
-#      paper's) and adamw_torch_fused;
-#   4. bench/bench_pplx.py: the scoring engine on the sample data, length-sorted and packed (tokens/s, padding, MFU).
-# Logs go to $OUT (the device tool's output folder) if set, else runs/gpu-packing/.
-#     bash bench/gpu.sh
+# Every GPU figure of issue 17 ("The GPU does the work") in one run, about 6.5 minutes on one H200 (the first
+# run, with a +compile path as well, took 460 s), ending with one table of them all ($OUT/table.md,
+# bench/gpu_table.py). Logs in $OUT (the device tool's output folder) if set, else runs/gpu/. ALPACA: a JSON
+# list of Alpaca records (the README's figures: the first 2,000 of alpaca_data.json); default: the sample data.
+#   1. bench_packing.py, random 1.1B Llama (TinyLlama's shape), bf16 autocast, the paper's 4 x 8 records per
+#      step: padded (today) against token-budget micro-batches with torch_varlen and +liger (add
+#      torch_varlen+compile to --packed_attn for --torch_compile: a minute more);
+#   2. the same with torch.profiler: where one step's time goes, padded and packed;
+#   3. bench_pplx.py, scoring 2,000 records with a 1.48B Llama in bf16: length-sorted, packed, packed + liger;
+#   4. bench_dump_pplxs.py: dump_pplxs.py itself on 2,000 records with SmolLM2-1.7B's shape (vocab 49,152),
+#      the paper's flags plus the GPU ones: seconds of training per epoch;
+#   5. GPU tests (-m gpu): torch_varlen against sdpa; liger-kernel and torch.compile against the padded path;
+#      packed scoring against the float32 reference.
+#     ALPACA=data/alpaca_data.json bash bench/gpu.sh
+#     SECTIONS="1 3" bash bench/gpu.sh        # some of them
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-runs/gpu-packing}"
+OUT="${OUT:-runs/gpu}"
+ALPACA="${ALPACA:-data/sample_train.json}"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv 2>&1
   python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
+  python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>/dev/null || echo "liger-kernel: not installed"
   python3 -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>/dev/null || echo "flash_attn: not installed"
+  echo "records: $ALPACA"
 } 2>&1 | tee "$OUT/env.txt"
+SECTIONS="${SECTIONS:-1 2 3 4 5}"
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+LLAMA_1B=(--hidden 2048 --layers 22 --heads 32 --kv_heads 4 --intermediate 5632 --vocab 32000)
 
-echo "== 1. GPU test: torch_varlen vs sdpa (bf16)" | tee "$OUT/pytest-gpu.log"
-SMALL2LARGE_REQUIRE_GPU=1 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_packing.py 2>&1 \
-  | tail -n 30 | tee -a "$OUT/pytest-gpu.log"
+if want 1; then
+  echo "== 1. training: 1.1B Llama, bf16, 4 x 8 records per step, --optim adamw_torch_fused" | tee "$OUT/bench.log"
+  timeout 200 python3 bench/bench_packing.py --device cuda --bf16 --optim adamw_torch_fused "${LLAMA_1B[@]}" \
+    --steps 5 --warmup 3 --max_tokens 16384 --packed_attn torch_varlen,torch_varlen+liger \
+    --json "$OUT/bench-1.1b.json" 2>&1 | tee "$OUT/bench-1.1b.log" | grep -vE "^\{'|^W[0-9]{4} " | tee -a "$OUT/bench.log"
+fi
 
-echo "== 2. bench: 1.1B Llama, bf16, 4 x 8 records per step" | tee "$OUT/bench.log"
-for optim in adamw_torch adamw_torch_fused; do
-  echo "-- --optim $optim" | tee -a "$OUT/bench.log"
-  timeout 240 python3 bench/bench_packing.py --device cuda --bf16 --optim "$optim" \
-    --hidden 2048 --layers 22 --heads 32 --kv_heads 4 --intermediate 5632 --vocab 32000 \
-    --steps 5 --warmup 2 --max_tokens 16384 --packed_attn sdpa,torch_varlen,flash_attention_2 \
-    --json "$OUT/bench-1b-$optim.json" 2>&1 | grep -v "^{'" | tee -a "$OUT/bench.log"
-done
+if want 2; then
+  echo "== 2. profile of a training step (1.1B): padded, packed torch_varlen, + liger" | tee -a "$OUT/bench.log"
+  timeout 100 python3 bench/bench_packing.py --device cuda --bf16 --optim adamw_torch_fused "${LLAMA_1B[@]}" \
+    --steps 2 --warmup 2 --max_tokens 16384 --packed_attn torch_varlen,torch_varlen+liger --profile \
+    2>&1 | grep -vE "^\{'|^W[0-9]{4} " | tee "$OUT/profile.log" | tee -a "$OUT/bench.log"
+fi
 
-echo "== 3. bench: 1.7B Llama (SmolLM2-1.7B shape, vocab 49152), bf16, 4 x 8 records per step" | tee -a "$OUT/bench.log"
-timeout 200 python3 bench/bench_packing.py --device cuda --bf16 --optim adamw_torch_fused \
-  --hidden 2048 --layers 24 --heads 32 --kv_heads 32 --intermediate 8192 --vocab 49152 \
-  --steps 5 --warmup 2 --max_tokens 16384 --packed_attn torch_varlen \
-  --json "$OUT/bench-1.7b.json" 2>&1 | grep -v "^{'" | tee -a "$OUT/bench.log"
+if want 3; then
+  echo "== 3. scoring 2,000 records, 1.48B Llama in bf16, token budget 32768" | tee -a "$OUT/bench.log"
+  PPLX=(--data "$ALPACA" --n_records 2000 --device cuda --dtype bf16 --hidden_size 2048 --num_layers 22 --num_heads 32
+        --max_tokens 32768)
+  timeout 90 python3 bench/bench_pplx.py "${PPLX[@]}" --ours_repeats 2 --json "$OUT/pplx-1.json" 2>&1 | tail -n 8 \
+    | tee -a "$OUT/bench.log"
+  n=1
+  for extra in "--packed --attn_implementation torch_varlen" "--packed --attn_implementation torch_varlen --liger --profile"; do
+    n=$((n + 1))
+    # shellcheck disable=SC2086
+    timeout 60 python3 bench/bench_pplx.py "${PPLX[@]}" --skip_paper --ours_repeats 3 --json "$OUT/pplx-$n.json" $extra 2>&1 \
+      | grep -E "^ours|^MFU|^profile|^    [a-z]|^ +[0-9.]+  |Error" | tee -a "$OUT/bench.log"
+  done
+fi
 
-echo "== 4. scoring (score_pplxs): length-sorted batches, then packed with torch_varlen; 1.1B-shape Llama, bf16" | tee -a "$OUT/bench.log"
-for packed in "" "--packed --attn_implementation torch_varlen"; do
-  # shellcheck disable=SC2086
-  timeout 100 python3 bench/bench_pplx.py --data data/sample_train.json --n_records 2000 --device cuda --dtype bf16 \
-    --hidden_size 2048 --num_layers 22 --num_heads 32 --max_tokens 32768 $packed 2>&1 | tail -n 8 | tee -a "$OUT/bench.log"
-done
+if want 4; then
+  echo "== 4. dump_pplxs.py, 2,000 records, SmolLM2-1.7B shape, 1 epoch, the paper's 4 x 8 records per step" | tee -a "$OUT/bench.log"
+  n=0
+  for extra in "" "--use_liger_kernel True"; do
+    n=$((n + 1))
+    # shellcheck disable=SC2086
+    timeout 120 python3 bench/bench_dump_pplxs.py --data "$ALPACA" --n_records 2000 --shape smollm2-1.7b \
+      --json "$OUT/dump-$n.json" -- \
+      --bf16 True --per_device_train_batch_size 4 --gradient_accumulation_steps 8 --optim adamw_torch_fused \
+      --max_tokens_per_micro_batch 16384 --attn_implementation torch_varlen --pplx_packing True $extra 2>&1 \
+      | grep -E "^epoch|in all|perplexities|Error|error" | tee -a "$OUT/bench.log"
+  done
+fi
+
+if want 5; then
+  echo "== 5. GPU tests" | tee "$OUT/pytest-gpu.log"
+  SMALL2LARGE_REQUIRE_GPU=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -W ignore \
+    tests/test_packing.py tests/test_gpu_fused.py >> "$OUT/pytest-gpu.log" 2>&1
+  grep -E "passed|failed|^E |Error" "$OUT/pytest-gpu.log" | tail -n 20
+fi
+
+echo "== the table (bench/gpu_table.py $OUT)"
+python3 bench/gpu_table.py "$OUT" | tee "$OUT/table.md"

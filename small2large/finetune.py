@@ -5,6 +5,7 @@ translated, the CPU fallback), the Trainer set-up over the tokenized records, an
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -151,6 +152,9 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError("--max_tokens_per_micro_batch packs the records itself: drop --padding_free")
         if self.model_max_length < 1:
             raise ValueError(f"--model_max_length must be >= 1, got {self.model_max_length}")
+        if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("--use_liger_kernel: liger-kernel is not installed (a CUDA GPU with triton: "
+                             "pip install -r requirements-gpu.txt)")
         super().__post_init__()
 
 

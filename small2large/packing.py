@@ -18,6 +18,7 @@ Trainer hook and its loss normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -300,6 +301,36 @@ class PackedBatch:
         keep[:, :-1] = self.labels[:, 1:] != IGNORE_INDEX
         return keep
 
+    def scoring_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flat row-major positions whose next token is scored, the record of each, the scored token),
+        int64 [n] each, on this batch's device: made on the CPU before the batch goes to the GPU, they
+        spare the GPU the boolean indexing that waits for it.
+
+        >>> b = pack_rows([([5, 6, 7], [-100, 6, 7]), ([8, 9], [8, 9])], [[0, 1]], pad_token_id=0)
+        >>> [t.tolist() for t in b.scoring_targets()]
+        [[0, 1, 3], [0, 0, 1], [6, 7, 9]]
+        """
+        keep = self.scored_positions()
+        flat = keep.reshape(-1).nonzero().squeeze(1)
+        return flat, self.record_index.reshape(-1)[flat], self.labels[:, 1:][keep[:, :-1]]
+
+    def to(self, device, non_blocking: bool = False) -> PackedBatch:
+        """This batch with its tensors on ``device`` (from pinned memory when ``non_blocking`` and the
+        copy goes to a GPU, so the copies do not wait for the GPU's queue)."""
+        return dataclasses.replace(self, **{k: to_device(getattr(self, k), device, non_blocking) for k in
+                                            ("input_ids", "labels", "position_ids", "record_index", "token_weight")})
+
+
+def to_device(t: torch.Tensor | None, device, non_blocking: bool = False) -> torch.Tensor | None:
+    """``t`` on ``device``; a CPU tensor bound for a GPU with ``non_blocking`` goes through pinned memory
+    (an asynchronous copy: the host does not wait for the GPU's queue; torch keeps the pinned block
+    until the copy is done)."""
+    if t is None or t.device == torch.device(device):
+        return t
+    if non_blocking and t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
 
 def _as_tensor(x, device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
@@ -434,14 +465,17 @@ def plan_scoring_batches(lengths: Sequence[int], max_tokens: int, max_row_tokens
 
 
 def packed_record_losses(logits: torch.Tensor, batch: PackedBatch, denominator: str = "nonzero",
-                         chunk_elements: int = CE_CHUNK_ELEMENTS) -> torch.Tensor:
+                         chunk_elements: int = CE_CHUNK_ELEMENTS, targets: tuple | None = None,
+                         scored_only: bool | None = None) -> torch.Tensor:
     """Mean response loss of every packed record (float32 [n_records], in ``batch.order``): the
     cross-entropy of each scored position t (label t+1 not IGNORE_INDEX) against label t+1, so labels
     are shifted within each record, never across (every record's first label is IGNORE_INDEX).
-    ``logits``: the full [rows, T, V], or [n_scored, V] for the scored positions only
-    (batch.scored_positions(), row-major, e.g. from logits_to_keep). ``denominator`` "nonzero": sum /
-    tokens whose loss != 0 (the paper's code); "mean": sum / scored tokens. A record with nothing to
-    divide by gets 0 (perplexity 1.0). The logits are upcast to float32 ``chunk_elements`` at a time.
+    ``logits``: the full [rows, T, V], or those of the scored positions only (``scored_only``; default:
+    when ``logits`` is 2-D), row-major, from logits_to_keep (batch.scored_positions(), or
+    scoring_targets()[0] for one row). ``targets``: batch.scoring_targets() already on the logits' device
+    (nothing here then waits for the GPU). ``denominator`` "nonzero": sum / tokens whose loss != 0 (the
+    paper's code); "mean": sum / scored tokens. A record with nothing to divide by gets 0 (perplexity
+    1.0). The logits are upcast to float32 ``chunk_elements`` at a time.
 
     >>> import torch
     >>> b = pack_rows([([1, 1, 1], [-100, 1, 1]), ([0, 1], [0, 1])], [[0, 1]], pad_token_id=0)
@@ -451,21 +485,23 @@ def packed_record_losses(logits: torch.Tensor, batch: PackedBatch, denominator: 
     """
     if denominator not in ("nonzero", "mean"):
         raise ValueError(f"unknown denominator {denominator!r}")
-    keep = batch.scored_positions().to(logits.device)
-    rec = batch.record_index.to(logits.device)[keep]
-    tgt = batch.labels.to(logits.device)[:, 1:][keep[:, :-1]]
+    if targets is None:
+        targets = tuple(t.to(logits.device) for t in batch.scoring_targets())
+    flat_pos, rec, tgt = targets
+    if scored_only is None:
+        scored_only = logits.ndim == 2
     flat = logits.reshape(-1, logits.shape[-1])
-    pos = keep.reshape(-1).nonzero().squeeze(1) if logits.ndim == 3 else torch.arange(tgt.shape[0], device=flat.device)
-    if pos.shape[0] != tgt.shape[0]:
+    if flat.shape[0] != (tgt.shape[0] if scored_only else batch.input_ids.numel()):
         raise ValueError(f"logits of shape {tuple(logits.shape)} for {tgt.shape[0]} scored positions")
     step = max(1, chunk_elements // flat.shape[-1])
     token_loss = torch.empty(tgt.shape[0], dtype=torch.float32, device=flat.device)
     for s in range(0, tgt.shape[0], step):
-        token_loss[s:s + step] = F.cross_entropy(flat[pos[s:s + step]].float(), tgt[s:s + step], reduction="none")
+        rows = flat[s:s + step] if scored_only else flat[flat_pos[s:s + step]]
+        token_loss[s:s + step] = F.cross_entropy(rows.float(), tgt[s:s + step], reduction="none")
     n = batch.n_records
     sums = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add_(0, rec, token_loss)
-    counted = rec if denominator == "mean" else rec[token_loss != 0]
-    counts = torch.bincount(counted, minlength=n).to(torch.float32)
+    counted = torch.ones_like(token_loss) if denominator == "mean" else (token_loss != 0).float()
+    counts = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add_(0, rec, counted)  # exact below 2^24
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
 

@@ -5,14 +5,17 @@ cross-entropy, out-of-memory back-off, and every process in lockstep under torch
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 from small2large.attention import implementation_of, is_varlen
 from small2large.batching import _collate, length_sorted_batches, shard_batches
-from small2large.packing import pack_rows, packed_record_losses, plan_scoring_batches
+from small2large.packing import pack_rows, packed_record_losses, plan_scoring_batches, to_device
 from small2large.rendering import SupervisedData
 from utils import IGNORE_INDEX
 
@@ -213,15 +216,19 @@ def _scored(lab):
     return keep, rows, lab[:, 1:][keep[:, :-1]]
 
 
-def _token_losses(model, ids, lab, att, mode, chunk_elements=CE_CHUNK_ELEMENTS):
-    """(token losses of the scored positions, their row) of one batch, with logits mode ``mode``."""
-    import torch
-
+def _token_losses(model, ids, lab, att, mode, chunk_elements=CE_CHUNK_ELEMENTS, index=False):
+    """(token losses of the scored positions, their row) of one batch, with logits mode ``mode``.
+    ``index``: logits_to_keep as a 1-D tensor of positions (one row only; what packed varlen scoring
+    passes, and all that liger-kernel's forward takes) rather than a [rows, T] boolean mask."""
     keep, rows, tgt = _scored(lab)
     if mode == "scored":  # the model projects only the kept positions: logits [n_scored, V]
-        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False).logits
-        if logits.ndim != 2 or logits.shape[0] != tgt.shape[0]:
+        if index and ids.shape[0] != 1:
+            raise ValueError("logits_to_keep as positions needs a batch of one row")
+        to_keep = keep[0].nonzero().squeeze(1) if index else keep
+        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=to_keep, use_cache=False).logits
+        if logits.ndim != (3 if index else 2) or logits.shape[-2 if index else 0] != tgt.shape[0]:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {tgt.shape[0]} scored positions")
+        logits = logits.reshape(-1, logits.shape[-1])
         pos = torch.arange(tgt.shape[0], device=logits.device)
     else:  # full logits [B, T, V]; the scored rows are read chunk by chunk, never copied at once
         logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
@@ -244,13 +251,14 @@ def _supports_logits_to_keep(model) -> bool:
         return False
 
 
-def decide_logits_mode(model, probe, requested: str, comm=None) -> tuple[str, str]:
+def decide_logits_mode(model, probe, requested: str, comm=None, index: bool = False) -> tuple[str, str]:
     """The logits mode of a whole scoring pass, decided once before it, the same on every process:
     "scored" when requested, the model's forward takes ``logits_to_keep``, and on the ``probe`` batch
     (ids, labels, attention; the same on every process) the scored-position logits give the same
     token losses as the full logits (relative 1e-2: bf16 autocast). Every process runs both probe
     forwards whatever happens (lockstep) and the verdict is agreed through ``comm``. An out-of-memory
-    error is an error on every process, never taken for "not supported". Returns (mode, reason for "all")."""
+    error is an error on every process, never taken for "not supported". ``index``: probe logits_to_keep
+    as 1-D positions, the form packed varlen scoring passes (_token_losses). Returns (mode, reason for "all")."""
     if requested == "all":
         return "all", ""
     if not _supports_logits_to_keep(model):
@@ -262,7 +270,7 @@ def decide_logits_mode(model, probe, requested: str, comm=None) -> tuple[str, st
     oom, reason = False, ""
     for mode in ("all", "scored"):
         try:
-            losses, _ = _token_losses(model, ids, lab, att, mode)
+            losses, _ = _token_losses(model, ids, lab, att, mode, index=index)
             full, got = (losses, got) if mode == "all" else (full, losses)
         except Exception as e:  # noqa: BLE001 - any failure but OOM means "cannot take the mask"
             if not is_oom(e) and mode == "all":
@@ -371,18 +379,27 @@ def _records_of(item, packed: bool) -> list[int]:
 
 def _run_batch(model, input_ids, labels, item, *, pad_token_id, device, denominator, logits_mode, chunk_elements,
                packed, varlen):
-    """Score one batch of the plan: (record indices, their mean losses, real tokens, tokens run)."""
+    """Score one batch of the plan: (record indices, their mean losses on the device, real tokens, tokens
+    run). A packed batch is built on the CPU and copied asynchronously, its scored positions included, so
+    the host prepares the next batch while the GPU runs this one."""
     if not packed:
         ids, lab, att = _collate(input_ids, labels, item, pad_token_id, device)
         losses = _batch_losses(model, ids, lab, att, denominator, logits_mode, chunk_elements)
-        return item, losses, int(att.sum()), att.numel()
-    b = pack_rows(_Pairs(input_ids, labels), item, pad_token_id, device=device)
+        return item, losses, sum(len(input_ids[i]) for i in item), att.numel()
+    b = pack_rows(_Pairs(input_ids, labels), item, pad_token_id, device="cpu")
+    targets = b.scoring_targets()
     inputs = b.model_inputs(varlen)
     inputs.pop("labels")
     if logits_mode == "scored":  # the vocabulary projection only at the scored positions
-        inputs["logits_to_keep"] = b.scored_positions()
+        one_row = varlen and b.input_ids.shape[0] == 1  # always, with varlen: the form the probe tried
+        inputs["logits_to_keep"] = targets[0] if one_row else b.scored_positions()
+    inputs = {k: to_device(v, device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+              for k, v in inputs.items()}
+    targets = tuple(to_device(t, device, non_blocking=True) for t in targets)
     logits = model(**inputs).logits
-    return b.order, packed_record_losses(logits, b, denominator, chunk_elements), b.real_tokens, b.padded_tokens
+    losses = packed_record_losses(logits, b, denominator, chunk_elements, targets=targets,
+                                  scored_only=logits_mode == "scored")
+    return b.order, losses, b.real_tokens, b.padded_tokens
 
 
 class _Pairs:
@@ -418,7 +435,7 @@ def _score_pass(model, input_ids, labels, lengths, queue, budget, stats, *, pad_
         # built buffer would break the training steps that follow
         with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
             probe = None if probe_rec is None else _collate(input_ids, labels, [probe_rec], pad_token_id, device)
-            logits_mode, reason = decide_logits_mode(model, probe, logits_mode, comm)
+            logits_mode, reason = decide_logits_mode(model, probe, logits_mode, comm, index=packed and varlen)
             if reason and rank == 0:  # stacklevel 3: the caller of score_pplxs
                 warnings.warn(f"scoring with full logits: the model cannot project only the scored positions "
                               f"({reason})", stacklevel=3)
@@ -429,6 +446,10 @@ def _score_pass(model, input_ids, labels, lengths, queue, budget, stats, *, pad_
                 varlen=varlen)
     finally:
         model.train(was_training)
+    if results:  # one copy to the host for the whole pass
+        values = torch.cat([v.reshape(-1).float() for _, v in results]).cpu().tolist()
+        starts = itertools.accumulate((len(idx) for idx, _ in results), initial=0)
+        results = [(idx, values[s:s + len(idx)]) for (idx, _), s in zip(results, starts)]
     stats.seconds = time.perf_counter() - t0
     return results, logits_mode, budget
 
@@ -473,7 +494,7 @@ def _score_lockstep(model, input_ids, labels, lengths, queue, dummy, budget, sta
             continue  # a dummy batch: result dropped
         queue.pop(0)
         bar.update(1)
-        results.append((idx, torch.exp(losses).cpu().tolist()))
+        results.append((idx, torch.exp(losses)))  # stays on the device: no wait for the GPU per batch
         stats.n_batches += 1
         stats.n_records += len(idx)
         stats.real_tokens += real

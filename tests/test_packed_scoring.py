@@ -122,3 +122,37 @@ def test_dump_pplxs_pplx_packing_gives_the_same_dumps(tiny_llama, tiny_dataset, 
     for plain, packed in zip(dumps["plain"], dumps["packed"]):
         assert max_rel_diff(packed, plain) < 1e-5
     assert dumps["plain"][0] != dumps["plain"][1]   # the epoch moved them: two different comparisons
+
+
+class PositionsOnly(Counting):
+    """A forward that takes logits_to_keep only as an int or 1-D positions, as liger-kernel's Llama forward
+    (--use_liger_kernel): a [rows, T] boolean mask raises the IndexError that forward raises."""
+
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim != 1:
+            raise IndexError("too many indices for tensor of dimension 3")
+        return super().forward(input_ids, logits_to_keep=logits_to_keep, **kwargs)
+
+
+def test_varlen_scoring_passes_positions_that_a_liger_forward_takes(llama, monkeypatch):
+    """Packed varlen scoring (one row per batch) passes the scored positions as a 1-D index, built on the
+    CPU with the targets and copied with the batch; the logits-mode probe tries that same form. So a forward
+    that cannot take a boolean mask (liger-kernel's) still projects only the scored positions, and the
+    perplexities equal the one-record reference. Without varlen (several rows, a boolean mask) the probe
+    falls back to full logits, with the reason."""
+    from small2large import scoring
+
+    model, tok, data = llama
+    ref = reference_pplxs(model, data.input_ids, data.labels)
+    wrapped = PositionsOnly(model)
+    probe = scoring._collate(data.input_ids, data.labels, [0], tok.pad_token_id, "cpu")
+    mode, reason = scoring.decide_logits_mode(wrapped, probe, "scored")
+    assert mode == "all" and "IndexError" in reason
+    assert scoring.decide_logits_mode(wrapped, probe, "scored", index=True) == ("scored", "")
+    # torch_varlen runs on CUDA only: here sdpa takes the one packed row (its dense document mask), the varlen
+    # kwargs (cu_seq_lens_*) ride along unused, and everything else is the varlen path
+    monkeypatch.setattr(scoring, "is_varlen", lambda impl: True)
+    for budget in (300, 4096):
+        got, stats = score_pplxs(wrapped, data, tok.pad_token_id, max_tokens=budget, progress=False, packed=True)
+        assert stats.logits == "scored" and stats.padding_share == 0.0
+        assert max_rel_diff(got, ref) < 1e-5, budget

@@ -227,6 +227,19 @@ def test_bench_train_runs_and_both_ways_train_alike():
     assert 0.05 < res["padding_paper"] < 0.9
 
 
+def test_bench_train_token_budget_at_the_papers_records_per_step():
+    """bench/bench_train.py --max_tokens_per_micro_batch: the paper's batches of 4 x 4 accumulation steps
+    against the same 16 records per step regrouped under a 1024-token budget: fewer micro-batches, the same per-step losses."""
+    from bench import bench_train
+
+    res = bench_train.main(["--n_records", "64", "--vocab_size", "400", "--hidden_size", "32", "--num_layers", "1",
+                            "--num_heads", "2", "--warmup_steps", "1", "--threads", "1",
+                            "--gradient_accumulation_steps", "4", "--max_tokens_per_micro_batch", "1024"])
+    assert res["max_rel_loss_diff"] < 1e-5
+    assert 0.05 < res["padding_paper"] < 0.9 and res["padding_packed"] < res["padding_paper"]
+    assert 1 <= res["micro_batches_packed"] < 4   # 16 records of ~60 tokens: a few packed micro-batches, not 4
+
+
 def test_probe_is_skipped_under_deepspeed_zero3(tiny_llama, monkeypatch):
     """ZeRO-3 partitions the parameters: each rank's local tensors are empty (size 0, not meta). The probe
     cannot run on them and must not refuse the model; it is skipped as utils.embedding_gather decides."""
