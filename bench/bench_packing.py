@@ -215,14 +215,21 @@ def run(a, shapes, name: str, attn: str, budget_tokens: int | None, device: str,
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
         trainer.train()
+        graphs = counters["stats"]["unique_graphs"] - graphs
     per_step = a.batch * a.accum
     timed = collate.log[a.warmup * a.accum:steps * a.accum]
     seconds = clock.ends[-1] - clock.ends[a.warmup - 1] if a.warmup else clock.ends[-1] - clock.ends[0]
     real = sum(x[0] for x in timed)
     res = {"name": name, "attn": attn, "seconds": seconds, "tokens_per_s": real / seconds, "losses": clock.losses,
            "records_per_step": per_step, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "params": model.num_parameters(exclude_embeddings=True), "profile": profile.summary if profile else None}
+           "params": model.num_parameters(exclude_embeddings=True), "profile": profile.summary if profile else None,
+           # what ran: liger's modules in the model (--use_liger_kernel), graphs torch.compile made (--torch_compile)
+           "liger_modules": sum(type(m).__name__.startswith("Liger") for m in model.modules()),
+           "compiled_graphs": graphs}
     if budget_tokens is None:
         res.update(micro_batches=a.accum, padding=1 - sum(x[0] for x in collate.log) / sum(x[1] for x in collate.log),
                    attention=sum(x[2] for x in collate.log) / steps)

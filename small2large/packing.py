@@ -18,7 +18,6 @@ Trainer hook and its loss normalisation.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -314,12 +313,6 @@ class PackedBatch:
         flat = keep.reshape(-1).nonzero().squeeze(1)
         return flat, self.record_index.reshape(-1)[flat], self.labels[:, 1:][keep[:, :-1]]
 
-    def to(self, device, non_blocking: bool = False) -> PackedBatch:
-        """This batch with its tensors on ``device`` (from pinned memory when ``non_blocking`` and the
-        copy goes to a GPU, so the copies do not wait for the GPU's queue)."""
-        return dataclasses.replace(self, **{k: to_device(getattr(self, k), device, non_blocking) for k in
-                                            ("input_ids", "labels", "position_ids", "record_index", "token_weight")})
-
 
 def to_device(t: torch.Tensor | None, device, non_blocking: bool = False) -> torch.Tensor | None:
     """``t`` on ``device``; a CPU tensor bound for a GPU with ``non_blocking`` goes through pinned memory
@@ -471,7 +464,7 @@ def packed_record_losses(logits: torch.Tensor, batch: PackedBatch, denominator: 
     cross-entropy of each scored position t (label t+1 not IGNORE_INDEX) against label t+1, so labels
     are shifted within each record, never across (every record's first label is IGNORE_INDEX).
     ``logits``: the full [rows, T, V], or those of the scored positions only (``scored_only``; default:
-    when ``logits`` is 2-D), row-major, from logits_to_keep (batch.scored_positions(), or
+    when there are fewer than rows x T), row-major, any shape [..., V], from logits_to_keep (batch.scored_positions(), or
     scoring_targets()[0] for one row). ``targets``: batch.scoring_targets() already on the logits' device
     (nothing here then waits for the GPU). ``denominator`` "nonzero": sum / tokens whose loss != 0 (the
     paper's code); "mean": sum / scored tokens. A record with nothing to divide by gets 0 (perplexity
@@ -487,10 +480,10 @@ def packed_record_losses(logits: torch.Tensor, batch: PackedBatch, denominator: 
         raise ValueError(f"unknown denominator {denominator!r}")
     if targets is None:
         targets = tuple(t.to(logits.device) for t in batch.scoring_targets())
-    flat_pos, rec, tgt = targets
-    if scored_only is None:
-        scored_only = logits.ndim == 2
     flat = logits.reshape(-1, logits.shape[-1])
+    flat_pos, rec, tgt = (t.to(flat.device) for t in targets)  # no copy when already there
+    if scored_only is None:  # full logits have a row per token; the scored ones fewer (a record's first is never)
+        scored_only = flat.shape[0] != batch.input_ids.numel()
     if flat.shape[0] != (tgt.shape[0] if scored_only else batch.input_ids.numel()):
         raise ValueError(f"logits of shape {tuple(logits.shape)} for {tgt.shape[0]} scored positions")
     step = max(1, chunk_elements // flat.shape[-1])

@@ -47,15 +47,20 @@ def test_liger_training_matches_the_padded_path(tmp_path):
     _assert_same_losses(runs, "packed torch_varlen")
     _assert_same_losses(runs, "packed torch_varlen+liger")
     assert runs["packed torch_varlen+liger"]["micro_batches"] == 1.0
+    assert runs["packed torch_varlen+liger"]["liger_modules"] > 0 and runs["packed torch_varlen"]["liger_modules"] == 0
 
 
 def test_compiled_training_matches_the_padded_path(tmp_path):
     runs = _bench_losses(tmp_path, "torch_varlen+compile")
     _assert_same_losses(runs, "packed torch_varlen+compile")
+    assert runs["packed torch_varlen+compile"]["compiled_graphs"] > 0 and runs["padded"]["compiled_graphs"] == 0
 
 
 @pytest.mark.parametrize("liger", [False, pytest.param(True, marks=needs_liger)])
 def test_packed_varlen_scoring_equals_the_reference(tiny_llama, liger):
+    """With liger: its whole Llama patch, as --use_liger_kernel applies it, including its own causal-LM forward,
+    which takes logits_to_keep only as positions: packed varlen scoring must still project only the scored
+    positions ("scored"), not fall back to full logits."""
     model, tok = load(tiny_llama)
     data = SupervisedData(*tokenize_records(TINY_RECORDS * 5, tok, 256))
     ref = reference_pplxs(model, data.input_ids, data.labels)  # float32, CPU, one record at a time
@@ -64,8 +69,8 @@ def test_packed_varlen_scoring_equals_the_reference(tiny_llama, liger):
         if liger:
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-            _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                            fused_linear_cross_entropy=False)
+            _apply_liger_kernel_to_instance(model=model)  # --use_liger_kernel's defaults
+            assert any(type(m).__name__.startswith("Liger") for m in model.modules())
         model.set_attn_implementation(attention.register_torch_varlen())
         with torch.autocast("cuda", dtype=torch.bfloat16):  # the varlen kernel takes bf16/fp16 only
             got, stats = score_pplxs(model, data, tok.pad_token_id, max_tokens=4096, progress=False, packed=True)
