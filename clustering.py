@@ -52,11 +52,6 @@ from small2large.kmeans import kmeans
 from small2large.record_io import load_records
 from utils import HelpFormatter, UserError, atomic_write, run_cli, write_pickle
 
-# ----------------------------------------------------------------------------------------
-# Embedding cache: {cache_dir}/{model sha256[:16]}-len{max_seq_length}.npz, one file per (model, max length),
-# holding the sha256 of every text embedded so far and its embedding. numpy arrays only (loaded with
-# allow_pickle=False), written atomically (a run killed mid-write leaves the previous file intact).
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)

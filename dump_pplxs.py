@@ -84,9 +84,7 @@ logger = logging.getLogger("dump_pplxs")
 
 def parse_args(argv=None):
     """train.py's flags (the paper's, legacy ones translated) plus DumpArguments."""
-    model_args, data_args, training_args, dump_args = finetune.parse_args(
-        argv, extra_dataclasses=(DumpArguments,), description=__doc__)
-    return model_args, data_args, training_args, dump_args
+    return finetune.parse_args(argv, extra_dataclasses=(DumpArguments,), description=__doc__)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -119,7 +117,7 @@ def train_and_dump(model_args, data_args, training_args, dump_args, held: Sequen
         return score_only(model_args, data_args, training_args, dump_args, held)
     ckpt = checkpoints.resolve_resume(training_args, finetune.run_id_of(held))  # the newest complete one for "last"
     if ckpt is not None:
-        training_args.resume_from_checkpoint = ckpt  # resolved once: fit() gets the folder
+        training_args.resume_from_checkpoint = ckpt  # the manifest records the folder resumed from
     run = start_manifest(data_args, training_args, dump_args, ckpt) if is_main_rank() else None
     dumper = None
 
@@ -137,7 +135,7 @@ def train_and_dump(model_args, data_args, training_args, dump_args, held: Sequen
         for cb in (dumper, *callbacks):
             trainer.add_callback(cb)
 
-    finetune.fit(model_args, data_args, training_args, prepare=add_dumper, held=held)
+    finetune.fit(model_args, data_args, training_args, prepare=add_dumper, held=held, resume=ckpt)
     return dumper.written
 
 

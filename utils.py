@@ -210,7 +210,7 @@ def safe_load_pickle(path: str | os.PathLike) -> Any:
 
 
 # ----------------------------------------------------------------------------------------
-# Supervised data (shared by train.py and dump_pplxs.py)
+# Messages and text hashes
 
 
 def fmt_share(n: int, total: int) -> str:

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dump_pplxs  # noqa: E402
 from bench.profiling import bf16_peak  # noqa: E402
-from examples.make_tiny_models import corpus, train_bpe_tokenizer  # noqa: E402
+from examples.make_tiny_models import corpus, train_bpe_tokenizer, write_tiny_model  # noqa: E402
 from small2large.record_io import load_records  # noqa: E402
 
 SHAPES = {  # hidden, layers, heads, kv heads, MLP, vocabulary
@@ -65,22 +65,15 @@ class EpochClock(transformers.TrainerCallback):
 
 
 def make_model(out: str, records: list, shape: str) -> int:
-    """A random Llama of ``shape`` and a BPE tokenizer trained on ``records`` in ``out``; returns N (the
-    parameters without the input embedding)."""
+    """A random Llama of ``shape`` and a BPE tokenizer trained on ``records`` in ``out``/model; returns N
+    (the parameters without the input embedding)."""
     hidden, layers, heads, kv, mlp, vocab = SHAPES[shape]
     tok = train_bpe_tokenizer(corpus(records), vocab, os.path.join(out, "tok"), arch="llama")
-    cfg = transformers.LlamaConfig(
-        vocab_size=max(vocab, len(tok) + 1), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(os.path.join(out, "model"))
-    tok.save_pretrained(os.path.join(out, "model"))
-    n = model.num_parameters() - model.get_input_embeddings().weight.numel()
-    del model
-    return n
+    vocab = max(vocab, len(tok) + 1)
+    n = write_tiny_model(os.path.join(out, "model"), tok, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                         max_positions=2048, intermediate_size=mlp, num_kv_heads=kv, vocab_size=vocab,
+                         dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
+    return n - vocab * hidden
 
 
 def parse_args(argv=None):

@@ -41,7 +41,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.profiling import bf16_peak, print_profile, summarize_profile  # noqa: E402
+from bench.profiling import bf16_peak, gpu_profiler, print_profile, summarize_profile  # noqa: E402
 from small2large import (
     attention,  # noqa: E402
     budget_trainer,  # noqa: E402
@@ -124,8 +124,7 @@ class Profile(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.start and self.prof is None:
             torch.cuda.synchronize()
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof = gpu_profiler()
             self.prof.__enter__()
             self.t0 = time.perf_counter()
 

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.profiling import bf16_peak, print_profile, summarize_profile  # noqa: E402
+from bench.profiling import bf16_peak, gpu_profiler, print_profile, summarize_profile  # noqa: E402
 from small2large import attention  # noqa: E402
 from small2large.record_io import load_records  # noqa: E402
 from small2large.rendering import (
@@ -219,8 +219,7 @@ def main(args=None):
               f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if args.profile and args.device.startswith("cuda"):
         sync()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with gpu_profiler() as prof:
             t = time.perf_counter()
             ours(data)
             sync()

@@ -20,6 +20,11 @@ KERNEL_KINDS = (  # (category, regex on the CUDA kernel name), first match wins
 )
 
 
+def gpu_profiler():
+    """torch.profiler over the CPU and CUDA activities (enter it, run, exit it, then summarize_profile)."""
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+
+
 def summarize_profile(prof, wall: float, steps: int) -> dict:
     kinds = {k: 0.0 for k, _ in KERNEL_KINDS}
     kernels: dict[str, float] = {}

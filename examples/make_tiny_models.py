@@ -55,19 +55,25 @@ def train_bpe_tokenizer(texts, vocab_size: int, out_dir: str, arch: str = "llama
 
 
 def write_tiny_model(out_dir: str, tokenizer, arch: str = "llama", hidden_size: int = 64, num_layers: int = 2,
-                     num_heads: int = 4, max_positions: int = 1024, seed: int = 0) -> int:
+                     num_heads: int = 4, max_positions: int = 1024, seed: int = 0, intermediate_size: int | None = None,
+                     num_kv_heads: int | None = None, vocab_size: int | None = None, dtype=None, device=None) -> int:
     """Write a random-initialised ``arch`` ("llama" or "opt") causal LM sized for ``tokenizer``
-    into ``out_dir`` (with the tokenizer). Returns the parameter count."""
+    into ``out_dir`` (with the tokenizer). Returns the parameter count. The optional shape arguments
+    (default: an MLP of 4 x hidden, as many key/value heads as heads, the tokenizer's vocabulary) and
+    ``dtype`` / ``device`` (where the weights are made, e.g. bf16 on a GPU for a 1.7B model) are Llama's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    common = dict(vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
-                          num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                          max_position_embeddings=max_positions, tie_word_embeddings=False, **common)
-        model = LlamaForCausalLM(cfg)
+        cfg = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
+                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                          num_key_value_heads=num_kv_heads or num_heads, max_position_embeddings=max_positions,
+                          tie_word_embeddings=False, **common)
+        with torch.device(device or "cpu"):
+            model = LlamaForCausalLM(cfg)
     elif arch == "opt":
         cfg = OPTConfig(hidden_size=hidden_size, ffn_dim=4 * hidden_size, num_hidden_layers=num_layers,
                         num_attention_heads=num_heads, word_embed_proj_dim=hidden_size,
@@ -75,6 +81,8 @@ def write_tiny_model(out_dir: str, tokenizer, arch: str = "llama", hidden_size: 
         model = OPTForCausalLM(cfg)
     else:
         raise ValueError(f"unknown arch {arch!r}")
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())

@@ -63,17 +63,6 @@ def is_varlen(impl: str | None) -> bool:
     return impl in FLASH or impl == TORCH_VARLEN or (_is_hub_kernel(impl) and "flash" in impl.lower())
 
 
-def attention_kind(impl: str | None) -> str:
-    """"varlen", "block" (flex_attention's BlockMask) or "dense" (eager, sdpa: a T x T mask per row).
-
-    >>> attention_kind("sdpa"), attention_kind("flex_attention"), attention_kind("flash_attention_3")
-    ('dense', 'block', 'varlen')
-    """
-    if is_varlen(impl):
-        return "varlen"
-    return "block" if impl in BLOCK_MASK else "dense"
-
-
 def _has_torch_varlen() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
@@ -167,10 +156,18 @@ def _kernel_params(kernel) -> frozenset:
     return frozenset(inspect.signature(kernel).parameters)
 
 
+def unwrap_model(model):
+    """The transformers model inside DDP / FSDP1 / DeepSpeed / torch.compile / peft wrappers."""
+    for _ in range(4):  # DDP / FSDP1 / DeepSpeed / compiled wrappers keep the real model in .module / ._orig_mod
+        model = getattr(model, "module", getattr(model, "_orig_mod", model))
+        if hasattr(model, "get_base_model"):  # peft (LoRA): the adapted model, LoRA layers injected in place
+            model = model.get_base_model()
+    return model
+
+
 def implementation_of(model) -> str | None:
     """The attention implementation a (possibly wrapped) transformers model runs, or None."""
-    model = getattr(model, "module", model)  # DDP and similar wrappers
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None)
 
 
 def _kernel_call(q, k, v, scaling, window, causal: bool):

@@ -128,6 +128,7 @@ class TokenBudgetTrainerMixin:
         super().__init__(*args, **kwargs)
         self.token_budget = token_budget
         self.packing_stats = PackingStats()
+        self._forward_takes_kwargs: bool | None = None
 
     # -- regrouping ------------------------------------------------------------------
 
@@ -239,7 +240,9 @@ class TokenBudgetTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         labels = inputs.pop("labels")
-        if not _takes_var_kwargs(self.accelerator.unwrap_model(model)):  # a forward without **kwargs
+        if self._forward_takes_kwargs is None:  # decided once: inspect.signature is no per-micro-batch work
+            self._forward_takes_kwargs = _takes_var_kwargs(self.accelerator.unwrap_model(model))
+        if not self._forward_takes_kwargs:  # a forward without **kwargs
             for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
                 inputs.pop(key, None)
         outputs = model(**inputs)

@@ -137,18 +137,12 @@ BUSY_WAIT_S = 30.0  # how long to wait for another successor that is taking over
 SETTLE_S = 2.0  # how long to wait for a claim file just created by another run to get its content
 
 
-
 class ClaimHeld(UserError):
     """The folder is claimed by another run that is (or may be) alive."""
 
 
 class ClaimLost(UserError):
     """This run's claim on its folder was taken over (or removed) by someone else."""
-
-
-# ----------------------------------------------------------------------------------------
-# This machine and process
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -384,6 +378,12 @@ class FollowerClaim:
 
     def stamp(self, checkpoint_dir: str | os.PathLike) -> None:
         pass
+
+
+def check_all(held) -> None:
+    """Claim.check() every claim of a run (ClaimLost at the first one taken over); before every write."""
+    for c in held:
+        c.check()
 
 
 def claim_folder(folder: str | os.PathLike, *, command: str | None = None, steal: bool = False,

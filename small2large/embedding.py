@@ -1,5 +1,9 @@
 """Step 1's sentence embeddings: all-MiniLM-L6-v2 (the packaged copy, checked by sha256) through
-sentence-transformers, with an on-disk cache keyed by each text's sha256."""
+sentence-transformers, with an on-disk cache keyed by each text's sha256.
+
+The cache: {cache_dir}/{model sha256[:16]}-len{max_seq_length}.npz, one file per (model, max length),
+holding the sha256 of every text embedded so far and its embedding; numpy arrays only (loaded with
+allow_pickle=False), written atomically (a run killed mid-write leaves the previous file intact)."""
 
 from __future__ import annotations
 

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
-from small2large import finetune, manifest
+from small2large import claims, finetune, manifest
 from small2large.dumps import dump_name, is_whole_epoch
+from small2large.losses import DENOMINATORS
 from small2large.manifest import NOPROMPT_SUBDIR, settle_manifest, start_manifest
 from small2large.record_io import load_records
 from small2large.rendering import SupervisedData, tokenize_responses
-from small2large.scoring import DENOMINATORS, LOGITS_MODES, ScoreStats, score_pplxs
+from small2large.scoring import LOGITS_MODES, ScoreStats, score_pplxs
 from utils import is_main_rank, write_pickle
 
 logger = logging.getLogger("dump_pplxs")
@@ -205,8 +206,7 @@ class PerplexityDumpCallback(TrainerCallback):
 
     def check_claims(self) -> None:
         """Before every write: the run still owns its folders (claims.ClaimLost otherwise)."""
-        for c in self.held:
-            c.check()
+        claims.check_all(self.held)
 
     def dump_and_record(self, epoch, state):
         self.dump(epoch)

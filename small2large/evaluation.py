@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from small2large.generation import _is_responses_file, _write_jsonl, render_options
+from small2large.generation import _is_responses_file, _write_jsonl
 from small2large.judge import (
     OUTCOME_VALUE,
     OpenAIJudge,
@@ -121,7 +121,7 @@ def evaluate_metrics(args, name, path, prompts, rows, runner) -> dict:
         else:
             model, tok = runner.get(path)
             pplxs, n_tokens = gold_perplexities(model, tok, [p["record"] for p in prompts], args.model_max_length,
-                                                args.pplx_max_tokens, render_options(args))
+                                                args.pplx_max_tokens, RenderOptions.from_args(args))
             res["perplexity"] = {"value": corpus_perplexity(pplxs, n_tokens), "median": float(np.median(pplxs)),
                                  "n_fully_truncated": sum(1 for n in n_tokens if n == 0),
                                  "per_prompt": pplxs, "per_prompt_tokens": n_tokens}

@@ -90,8 +90,7 @@ class DataArguments:
         return record_io.Fields.from_args(self)
 
     def render_options(self):
-
-        return RenderOptions(self.response_boundary, self.chat_template, self.alpaca_as_chat)
+        return RenderOptions.from_args(self)
 
 
 @dataclass
@@ -295,8 +294,7 @@ class ClaimCallback(transformers.TrainerCallback):
         self.held = list(held)
 
     def check(self) -> None:
-        for c in self.held:
-            c.check()
+        claims.check_all(self.held)
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save:
@@ -308,14 +306,20 @@ class ClaimCallback(transformers.TrainerCallback):
             self.held[0].stamp(ckpt)
 
 
+_RESOLVE = object()  # fit(resume=...): not resolved by the caller
+
+
 def fit(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, prepare=None,
-        held: Sequence = ()):
+        held: Sequence = (), resume=_RESOLVE):
     """The training both scripts share: load, tokenize, train (resuming if asked), save model, tokenizer
     and trainer_state.json to --output_dir. ``prepare(trainer, data, tokenizer)`` runs just before
     training (dump_pplxs.py adds its perplexity callback there). ``held``: the run's claims (claimed_run),
-    checked before every checkpoint and the final save. Returns the trainer."""
+    checked before every checkpoint and the final save. ``resume``: the checkpoint folder (or None) when
+    the caller already resolved --resume_from_checkpoint (checkpoints.resolve_resume checks every file of
+    it); by default it is resolved here. Returns the trainer."""
     guard = ClaimCallback(held)
-    resume = resolve_resume(training_args, run_id=run_id_of(held))
+    if resume is _RESOLVE:
+        resume = resolve_resume(training_args, run_id=run_id_of(held))
     model, tokenizer, data, trainer = setup(model_args, data_args, training_args)
     trainer.add_callback(guard)
     if prepare is not None:

@@ -255,12 +255,6 @@ class ModelRunner:
         return self.loaded[path]
 
 
-def render_options(args):
-    """The rendering flags (as given to train.py) as a rendering.RenderOptions."""
-    return RenderOptions(response_boundary=args.response_boundary, chat_template=args.chat_template,
-                         alpaca_as_chat=args.alpaca_as_chat)
-
-
 def generations_for(args, name: str, path: str, prompts: list[dict], prompt_hash: str, runner: ModelRunner):
     """The rows of OUTPUT_DIR/generations/NAME-KEY.jsonl, generated only if no file with that KEY exists.
     Returns (rows, file, reused)."""
@@ -271,8 +265,9 @@ def generations_for(args, name: str, path: str, prompts: list[dict], prompt_hash
         rows = _generation_rows(name, prompts, gens, None)
         _write_jsonl(out, rows)
         return rows, out, True
+    options = RenderOptions.from_args(args)
     tokenizer = models.load_tokenizer(path, head=f"--models {path}: cannot load the tokenizer", model_max_length=args.model_max_length)  # fast: the key needs the rendered prompts only
-    ids = [prompt_ids(p["record"], tokenizer, render_options(args)) for p in prompts]
+    ids = [prompt_ids(p["record"], tokenizer, options) for p in prompts]
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_p": args.top_p if args.temperature > 0 else None,
@@ -289,7 +284,7 @@ def generations_for(args, name: str, path: str, prompts: list[dict], prompt_hash
             print(f"[{name}] generations reused: {c}", flush=True)
             return rows, c, True
     model, tok = runner.get(path)
-    ids = [prompt_ids(p["record"], tok, render_options(args)) for p in prompts]  # with train.py's added tokens
+    ids = [prompt_ids(p["record"], tok, options) for p in prompts]  # with train.py's added tokens
     n_pos = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(x) for x in ids)
     if n_pos is not None and longest + args.max_new_tokens > n_pos:

@@ -69,6 +69,25 @@ def ifd(p_cond, p_alone) -> np.ndarray:
     return np.asarray(p_cond, dtype=np.float64) / np.asarray(p_alone, dtype=np.float64)
 
 
+def sort_members(cluster: np.ndarray, metric: np.ndarray, eligible: np.ndarray | None = None):
+    """Group records by cluster (ascending) and sort each cluster by metric, ties by dataset index.
+    Returns (order, starts, sizes): order holds dataset indices; cluster j (the j-th non-empty one)
+    is order[starts[j] : starts[j] + sizes[j]].
+
+    >>> o, s, n = sort_members(np.array([1, 0, 1, 0, 1]), np.array([0.5, 0.2, 0.1, 0.2, 0.5]))
+    >>> o.tolist(), s.tolist(), n.tolist()
+    ([1, 3, 2, 0, 4], [0, 2], [2, 3])
+    """
+    idx = np.arange(len(cluster)) if eligible is None else np.flatnonzero(eligible)
+    order = idx[np.lexsort((idx, metric[idx], cluster[idx]))]  # last key is the primary one
+    if order.size == 0:
+        return order, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    c = cluster[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    sizes = np.diff(np.r_[starts, order.size])
+    return order, starts, sizes
+
+
 def unlearned_mask(p0, pn, cluster=None, ratio: float | None = None, top_share: float = UNLEARNED_TOP_SHARE,
                    truncated=None) -> np.ndarray:
     """Records whose perplexity barely fell over training (never learned).
@@ -92,12 +111,9 @@ def unlearned_mask(p0, pn, cluster=None, ratio: float | None = None, top_share: 
         if not 0 < top_share <= 1:
             raise ValueError(f"top_share must be in (0, 1], got {top_share}")
         cluster = np.zeros(len(r), np.int64) if cluster is None else np.asarray(cluster)
-        idx = np.arange(len(r))
-        order = np.lexsort((idx, -np.where(trunc, -np.inf, r), cluster))  # per cluster, highest ratio first, ties by index
-        c = cluster[order]
-        starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-        sizes = np.diff(np.r_[starts, len(r)])
-        rank = idx - np.repeat(starts, sizes)  # position inside its cluster
+        # per cluster, highest ratio first (truncated records last), ties by index
+        order, starts, sizes = sort_members(cluster, -np.where(trunc, -np.inf, r))
+        rank = np.arange(len(r)) - np.repeat(starts, sizes)  # position inside its cluster
         n_ok = np.bincount(np.searchsorted(starts, np.flatnonzero(~trunc[order]), side="right") - 1, minlength=len(starts))
         keep = np.ceil(top_share * n_ok - 1e-9).astype(np.int64)
         out = np.zeros(len(r), bool)

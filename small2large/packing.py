@@ -23,17 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from small2large.attention import _cu_seqlens
+from small2large.losses import CE_CHUNK_ELEMENTS, record_losses, scored_mask, token_losses
 from utils import IGNORE_INDEX, UserError
 
 TOKEN_WEIGHT_KEY = "_token_weight"  # packed micro-batch key: per-label weight (loss without num_items_in_batch)
-CE_CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once in packed_record_losses (64 MiB)
-
-
-# ----------------------------------------------------------------------------------------
-# Attention implementations
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,9 +291,7 @@ class PackedBatch:
     def scored_positions(self) -> torch.Tensor:
         """[rows, T] bool: positions whose next token is scored (label not IGNORE_INDEX). The record
         boundaries need nothing more: every record's first label is IGNORE_INDEX."""
-        keep = torch.zeros_like(self.labels, dtype=torch.bool)
-        keep[:, :-1] = self.labels[:, 1:] != IGNORE_INDEX
-        return keep
+        return scored_mask(self.labels)
 
     def scoring_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flat row-major positions whose next token is scored, the record of each, the scored token),
@@ -476,29 +469,11 @@ def packed_record_losses(logits: torch.Tensor, batch: PackedBatch, denominator: 
     >>> packed_record_losses(logits, b).exp()   # record 0: 2 tokens, record 1: 1 (its first is not scored)
     tensor([2., 2.])
     """
-    if denominator not in ("nonzero", "mean"):
-        raise ValueError(f"unknown denominator {denominator!r}")
-    if targets is None:
-        targets = tuple(t.to(logits.device) for t in batch.scoring_targets())
     flat = logits.reshape(-1, logits.shape[-1])
-    flat_pos, rec, tgt = (t.to(flat.device) for t in targets)  # no copy when already there
+    flat_pos, rec, tgt = (t.to(flat.device) for t in (batch.scoring_targets() if targets is None else targets))
     if scored_only is None:  # full logits have a row per token; the scored ones fewer (a record's first is never)
         scored_only = flat.shape[0] != batch.input_ids.numel()
     if flat.shape[0] != (tgt.shape[0] if scored_only else batch.input_ids.numel()):
         raise ValueError(f"logits of shape {tuple(logits.shape)} for {tgt.shape[0]} scored positions")
-    step = max(1, chunk_elements // flat.shape[-1])
-    token_loss = torch.empty(tgt.shape[0], dtype=torch.float32, device=flat.device)
-    for s in range(0, tgt.shape[0], step):
-        rows = flat[s:s + step] if scored_only else flat[flat_pos[s:s + step]]
-        token_loss[s:s + step] = F.cross_entropy(rows.float(), tgt[s:s + step], reduction="none")
-    n = batch.n_records
-    sums = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add_(0, rec, token_loss)
-    counted = torch.ones_like(token_loss) if denominator == "mean" else (token_loss != 0).float()
-    counts = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add_(0, rec, counted)  # exact below 2^24
-    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
-
-
-# ----------------------------------------------------------------------------------------
-# Training: the Trainer hook
-
-
+    token_loss = token_losses(flat, None if scored_only else flat_pos, tgt, chunk_elements)
+    return record_losses(token_loss, rec, batch.n_records, denominator)

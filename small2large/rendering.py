@@ -84,6 +84,11 @@ class RenderOptions:
     chat_template: str = "auto"  # auto (the tokenizer's if it has one) | tokenizer | builtin
     alpaca_as_chat: bool = False  # Alpaca records as a one-turn conversation (default: the paper's prompt)
 
+    @classmethod
+    def from_args(cls, args) -> RenderOptions:
+        """The options of parsed flags (train.py's DataArguments, evaluate.py's namespace)."""
+        return cls(args.response_boundary, args.chat_template, args.alpaca_as_chat)
+
     def __post_init__(self):
         if self.response_boundary not in BOUNDARIES:
             raise ValueError(f"response_boundary must be one of {BOUNDARIES}, got {self.response_boundary!r}")

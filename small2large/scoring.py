@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from small2large.attention import implementation_of, is_varlen
+from small2large.attention import implementation_of, is_varlen, unwrap_model
 from small2large.batching import _collate, length_sorted_batches, shard_batches
+from small2large.losses import CE_CHUNK_ELEMENTS, record_losses, scored_mask, token_losses
 from small2large.packing import pack_rows, packed_record_losses, plan_scoring_batches, to_device
 from small2large.rendering import SupervisedData
 from utils import IGNORE_INDEX
@@ -22,36 +23,7 @@ from utils import IGNORE_INDEX
 logger = logging.getLogger("dump_pplxs")
 
 
-DENOMINATORS = ("nonzero", "mean")
-
-
 LOGITS_MODES = ("scored", "all")
-
-
-def record_losses(token_loss, row, n_rows: int, denominator: str = "nonzero"):
-    """Reduce per-token losses to one mean loss per record (float32).
-
-    ``token_loss`` holds the cross-entropy of scored tokens only, ``row`` the record (row) each
-    belongs to. denominator "nonzero": sum / number of tokens whose loss is != 0 (the paper's code);
-    "mean": sum / number of scored tokens. A record with nothing to divide by gets loss 0 (perplexity
-    1.0, the paper's value for a fully truncated record).
-
-        >>> import torch
-        >>> tl = torch.tensor([0.5, 0.0, 1.0]); row = torch.tensor([0, 0, 1])
-        >>> record_losses(tl, row, 3, "nonzero")   # record 0: 0.5/1, record 1: 1.0/1, record 2: none
-        tensor([0.5000, 1.0000, 0.0000])
-        >>> record_losses(tl, row, 3, "mean")      # record 0: 0.5/2
-        tensor([0.2500, 1.0000, 0.0000])
-    """
-    import torch
-
-    if denominator not in DENOMINATORS:
-        raise ValueError(f"unknown denominator {denominator!r}")
-    token_loss = token_loss.float()
-    sums = torch.zeros(n_rows, dtype=torch.float32, device=token_loss.device).index_add_(0, row, token_loss)
-    counted = row if denominator == "mean" else row[token_loss != 0]
-    counts = torch.bincount(counted, minlength=n_rows).to(torch.float32)
-    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
 
 def per_sample_loss(logits, labels, denominator: str = "nonzero"):
@@ -77,7 +49,6 @@ def per_sample_loss(logits, labels, denominator: str = "nonzero"):
 CPU_TOKEN_BUDGET = 1536  # tokens per scoring batch on a CPU: ~1-2k is fastest there (bench/bench_pplx.py)
 
 
-CE_CHUNK_ELEMENTS = 1 << 24  # logits (positions x vocabulary) upcast to float32 at once: 64 MiB per chunk
 
 
 def auto_token_budget(free_bytes: int, vocab_size: int, hidden_size: int, intermediate_size: int | None = None,
@@ -106,25 +77,15 @@ def auto_token_budget(free_bytes: int, vocab_size: int, hidden_size: int, interm
     return max(floor, min(ceiling, budget))
 
 
-def _unwrap(model):
-    for _ in range(4):  # DDP / FSDP1 / DeepSpeed / compiled wrappers keep the real model in .module / ._orig_mod
-        model = getattr(model, "module", getattr(model, "_orig_mod", model))
-        if hasattr(model, "get_base_model"):  # peft (LoRA): the adapted model, LoRA layers injected in place
-            model = model.get_base_model()
-    return model
-
-
 def default_token_budget(model, device) -> int:
     """--pplx_max_tokens when not given: CPU_TOKEN_BUDGET on a CPU; on a CUDA device
     auto_token_budget() of the memory free now (what the caching allocator holds unused counts as free)."""
-    import torch
-
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_TOKEN_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if not (hasattr(text, "vocab_size") and hasattr(text, "hidden_size")):
         return CPU_TOKEN_BUDGET  # not a transformers model: no sizes to derive from
@@ -162,7 +123,6 @@ class TorchComm:
 
     def any(self, flags: list[bool]) -> list[bool]:
         """Element-wise OR of every process's flags (one small all-reduce)."""
-        import torch
         import torch.distributed as dist
 
         t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.device)
@@ -179,39 +139,12 @@ class TorchComm:
 
 def is_oom(e: BaseException) -> bool:
     """An out-of-memory error of any device (never taken as a capability answer)."""
-    import torch
-
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
-
-
-def token_losses(logits, pos, targets, chunk_elements: int = CE_CHUNK_ELEMENTS):
-    """Float32 cross-entropy of the rows ``pos`` of ``logits`` (viewed as [positions, V]) against
-    ``targets``, computed in chunks of at most ``chunk_elements`` logits, so the float32 copy and the
-    log-softmax never exceed one chunk (the full float32 logits of a 128K vocabulary would take tens
-    of GB). Each row's loss is computed alone, so the chunking does not change the result.
-
-        >>> import torch
-        >>> logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 0.0]])   # ln 2, ln(1 + e^-2), ln(1 + e^-1)
-        >>> token_losses(logits, torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]), chunk_elements=2)
-        tensor([0.6931, 0.1269, 0.3133])
-    """
-    import torch
-    import torch.nn.functional as F
-
-    flat = logits.reshape(-1, logits.shape[-1])
-    step = max(1, chunk_elements // flat.shape[-1])
-    out = torch.empty(pos.shape[0], dtype=torch.float32, device=flat.device)
-    for s in range(0, pos.shape[0], step):
-        out[s:s + step] = F.cross_entropy(flat[pos[s:s + step]].float(), targets[s:s + step], reduction="none")
-    return out
 
 
 def _scored(lab):
     """(keep [B, T] bool: positions whose next token is scored, their row, their target)."""
-    import torch
-
-    keep = torch.zeros_like(lab, dtype=torch.bool)
-    keep[:, :-1] = lab[:, 1:] != IGNORE_INDEX
+    keep = scored_mask(lab)
     rows = torch.arange(lab.shape[0], device=lab.device)[:, None].expand_as(lab)[keep]
     return keep, rows, lab[:, 1:][keep[:, :-1]]
 
@@ -228,8 +161,7 @@ def _token_losses(model, ids, lab, att, mode, chunk_elements=CE_CHUNK_ELEMENTS, 
         logits = model(input_ids=ids, attention_mask=att, logits_to_keep=to_keep, use_cache=False).logits
         if logits.ndim != (3 if index else 2) or logits.shape[-2 if index else 0] != tgt.shape[0]:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {tgt.shape[0]} scored positions")
-        logits = logits.reshape(-1, logits.shape[-1])
-        pos = torch.arange(tgt.shape[0], device=logits.device)
+        pos = None  # the logits are the scored positions', in order
     else:  # full logits [B, T, V]; the scored rows are read chunk by chunk, never copied at once
         logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
         pos = keep.reshape(-1).nonzero().squeeze(1).to(logits.device)
@@ -246,7 +178,7 @@ def _supports_logits_to_keep(model) -> bool:
     import inspect
 
     try:
-        return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -291,8 +223,6 @@ def decide_logits_mode(model, probe, requested: str, comm=None, index: bool = Fa
 def _after_oom(model, device) -> None:
     """Free what a failed batch left behind: cached blocks, and FSDP2 parameters left gathered by a
     forward that raised (the next forward then gathers them again, like every other process)."""
-    import torch
-
     with contextlib.suppress(ImportError):
         from torch.distributed.fsdp import FSDPModule
 
@@ -339,7 +269,7 @@ def score_pplxs(model, data: SupervisedData, pad_token_id: int, max_tokens: int 
         comm = TorchComm(world_size, device)
     input_ids, labels = data.input_ids, data.labels
     lengths = [len(x) for x in input_ids]
-    varlen = packed and is_varlen(implementation_of(_unwrap(model)))
+    varlen = packed and is_varlen(implementation_of(model))
     budget, queue = _batch_plan(model, lengths, max_tokens, device, comm, rank, world_size, packed, varlen)
     stats = ScoreStats(max_tokens_start=budget)
     results, logits_mode, budget = _score_pass(
@@ -419,8 +349,6 @@ def _score_pass(model, input_ids, labels, lengths, queue, budget, stats, *, pad_
                 logits_mode, chunk_elements, comm, rank, autocast, progress, desc, packed=False, varlen=False):
     """Decide the logits mode, then score ``queue`` in eval mode under no_grad (and ``autocast``); sets
     stats.seconds and returns (results [(indices, perplexities)], the logits mode, the final budget)."""
-    import torch
-
     # the dummy batch of a process whose share is done, and the logits-mode probe: the shortest
     # record (with a scored token for the probe), the same on every process
     by_length = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
@@ -459,7 +387,6 @@ def _score_lockstep(model, input_ids, labels, lengths, queue, dummy, budget, sta
                     varlen=False) -> int:
     """Score the batches of ``queue`` in lockstep with the other processes (see score_pplxs), appending
     (indices, perplexities) to ``results``; returns the final token budget."""
-    import torch
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(queue), desc=desc, disable=not progress or rank != 0, unit="batch",

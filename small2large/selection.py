@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from small2large.dumps import check_lengths, validate_pplxs
-from small2large.lp import lp1, lp1_approx, truncated_mask, unlearned_mask
+from small2large.lp import lp1, lp1_approx, sort_members, truncated_mask, unlearned_mask
 from small2large.rankings import EPOCHS, load_inputs
 from small2large.score_table import build_score_table, score_columns
 from utils import UserError
@@ -22,9 +22,6 @@ SPLITS = {33: ("low", "mid", "high"), 25: ("low",), 10: ("low",), 5: ("low",), 3
 
 
 PARTS = {"low": 0, "mid": 1, "high": 2}
-
-
-KINDS = ("lp1", "lp1_approx", "clust_rand")
 
 
 CLUST_RAND_SEED = 42  # the paper's random.seed(42), once per run
@@ -88,25 +85,6 @@ def exact_allocation(sizes, budget: int) -> np.ndarray:
     order = np.argsort(-frac, kind="stable")
     base[order[:rest]] += 1
     return base
-
-
-def sort_members(cluster: np.ndarray, metric: np.ndarray, eligible: np.ndarray | None = None):
-    """Group records by cluster (ascending) and sort each cluster by metric, ties by dataset index.
-    Returns (order, starts, sizes): order holds dataset indices; cluster j (the j-th non-empty one)
-    is order[starts[j] : starts[j] + sizes[j]].
-
-    >>> o, s, n = sort_members(np.array([1, 0, 1, 0, 1]), np.array([0.5, 0.2, 0.1, 0.2, 0.5]))
-    >>> o.tolist(), s.tolist(), n.tolist()
-    ([1, 3, 2, 0, 4], [0, 2], [2, 3])
-    """
-    idx = np.arange(len(cluster)) if eligible is None else np.flatnonzero(eligible)
-    order = idx[np.lexsort((idx, metric[idx], cluster[idx]))]  # last key is the primary one
-    if order.size == 0:
-        return order, np.zeros(0, np.int64), np.zeros(0, np.int64)
-    c = cluster[order]
-    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-    sizes = np.diff(np.r_[starts, order.size])
-    return order, starts, sizes
 
 
 def take_chunks(order: np.ndarray, starts: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:

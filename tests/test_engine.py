@@ -12,8 +12,9 @@ import torch
 import dump_pplxs
 from small2large import batching, epoch_dumps, scoring
 from small2large.dumps import load_pplxs
+from small2large.losses import token_losses
 from small2large.rendering import SupervisedData, tokenize_records
-from small2large.scoring import score_pplxs, token_losses
+from small2large.scoring import score_pplxs
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("formats, formulas, files", ["small2large.lp", "small2large.record_io", "small2large.dumps",
                                   "small2large.claim_files", "small2large.attention",
                                   "small2large.subset_files", "small2large.legacy_flags",
-                                  "small2large.embedding", "small2large.kmeans"]),
+                                  "small2large.embedding", "small2large.kmeans", "small2large.losses"]),
     ("records to tokens, manifests, claims", ["small2large.rendering", "small2large.manifest", "small2large.claims"]),
     ("batches, ranking files, checkpoints", ["small2large.batching", "small2large.packing", "small2large.rankings",
                                             "small2large.checkpoints"]),

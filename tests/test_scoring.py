@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from small2large.batching import length_sorted_batches, padding_share, shard_batches
+from small2large.losses import record_losses
 from small2large.rendering import SupervisedData, tokenize_records
-from small2large.scoring import per_sample_loss, record_losses, score_pplxs
+from small2large.scoring import per_sample_loss, score_pplxs
 from tests._dump_pplxs_helpers import load, max_rel_diff, one_thread_fixture, reference_pplxs
 from tests.conftest import TINY_RECORDS
 from utils import IGNORE_INDEX
@@ -136,3 +137,12 @@ def test_train_mode_model_with_dropout_is_scored_in_eval_mode(tiny_opt):
     assert first == second, "two scorings of the same train-mode model differ: dropout was active while scoring"
     err = max_rel_diff(first, ref)
     assert err < 1e-5, f"scoring a train-mode model differs from the eval-mode reference by {err:.2g} (dropout on?)"
+
+
+def test_losses_doctests():
+    import doctest
+
+    from small2large import losses
+
+    result = doctest.testmod(losses)
+    assert result.failed == 0 and result.attempted >= 6
